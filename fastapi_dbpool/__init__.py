@@ -1,0 +1,53 @@
+"""A PostgreSQL connection pool for FastAPI that cannot be misused.
+
+::
+
+    db = DBPool("postgresql://app@localhost/app", max_size=10)
+    app = FastAPI(lifespan=db.lifespan)
+
+    @app.get("/items/{item_id}")
+    async def get_item(item_id: int, conn: ConnectionDep): ...
+"""
+
+from ._dependencies import ConnectionDep, TransactionDep, get_connection, get_transaction
+from ._lifespan import DBPool
+from .errors import (
+    ConfigurationError,
+    ConnectionInUseError,
+    ConnectionMisuseError,
+    ConnectionReleasedError,
+    DBPoolError,
+    PoolExhaustedError,
+    PoolNotRunningError,
+    PoolOpenError,
+    WrongEventLoopError,
+)
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionDep",
+    "ConnectionInUseError",
+    "ConnectionMisuseError",
+    "ConnectionReleasedError",
+    "DBPool",
+    "DBPoolError",
+    "PoolExhaustedError",
+    "PoolNotRunningError",
+    "PoolOpenError",
+    "TransactionDep",
+    "WrongEventLoopError",
+    "get_connection",
+    "get_transaction",
+]
+
+
+
+def _present_as_public() -> None:
+    """Show users ``fastapi_dbpool.X``, not the private module that defines X."""
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__code__"):
+            obj.__module__ = __name__
+
+
+_present_as_public()

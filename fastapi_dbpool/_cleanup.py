@@ -1,0 +1,157 @@
+"""The only shielded awaits of the package: cancel on the server, roll back, give back.
+
+Cleanup runs while the task may be cancelled again at every await (anyio cancels level-
+triggered), so each step runs under ``anyio.move_on_after(timeout, shield=True)``: it is
+protected from the cancellation it is cleaning up after, and bounded so that a dead
+server cannot hang it. A step that runs out of time closes the connection instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection, AsyncTransaction, waiting
+from psycopg.abc import PQGen
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg_pool import AsyncConnectionPool
+
+logger = logging.getLogger("fastapi_dbpool")
+RV = TypeVar("RV")
+_IDLE = TransactionStatus.IDLE
+_ACTIVE = TransactionStatus.ACTIVE
+_HINT_SLOW = (
+    "hint: the server did not answer in time; check for lock waits or an overloaded server"
+)
+
+
+def _usable(conn: AsyncConnection[Any]) -> bool:
+    return not conn.closed and conn.pgconn.status == ConnStatus.OK
+
+
+def close_now(conn: AsyncConnection[Any]) -> None:
+    """Drop the connection without a round trip (libpq's ``PQfinish``)."""
+    if not conn.closed:
+        conn.pgconn.finish()
+
+
+async def cancel_running_query(
+    conn: AsyncConnection[Any], gen: PQGen[RV], interval: float, timeout: float
+) -> None:
+    """Stop the query `gen` is waiting on, on the server first, then drain its result.
+
+    Called when the task awaiting the query was cancelled. psycopg does the same, but
+    unshielded: under anyio its own cancel request is cancelled, the connection closed and
+    the query left running on the server. Here it finishes, or the connection is closed.
+    """
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        try:
+            await conn.cancel_safe(timeout=timeout)
+            await waiting.wait_async(gen, conn.pgconn.socket, interval=interval, timeout=timeout)
+        except psycopg.errors.QueryCanceled:
+            pass
+        except Exception as ex:
+            logger.warning(
+                "cancelling a query of a cancelled request failed (%s: %s); closing its "
+                "connection. %s",
+                type(ex).__name__,
+                ex,
+                _HINT_SLOW,
+            )
+            close_now(conn)
+    if scope.cancelled_caught:
+        logger.warning(
+            "a query of a cancelled request was not stopped within %.1fs; closing its "
+            "connection. %s",
+            timeout,
+            _HINT_SLOW,
+        )
+        close_now(conn)
+
+
+async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) -> None:
+    """End `tx` with a rollback, whatever cancellation is going on around it."""
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        try:
+            await tx.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as ex:
+            logger.warning("rollback failed (%s: %s); closing the connection", type(ex), ex)
+            close_now(tx.connection)
+    if scope.cancelled_caught:
+        logger.warning("rollback took over %.1fs; closing the connection. %s", timeout, _HINT_SLOW)
+        close_now(tx.connection)
+
+
+async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
+    if conn.pgconn.transaction_status == _ACTIVE:
+        # Another task is still running a statement on it: stop it on the server and let
+        # that task see QueryCanceled; the lock is free once its statement has ended.
+        await conn.cancel_safe(timeout=cancel_timeout)
+    async with conn.lock:
+        pass
+    if conn._num_transactions or conn._pipeline is not None:
+        # A `conn.transaction()` or `conn.pipeline()` block is still open in some task:
+        # psycopg's bookkeeping would be wrong for the next user.
+        close_now(conn)
+        return
+    if conn.pgconn.transaction_status != _IDLE:
+        await conn.rollback()
+    if not conn.autocommit:
+        await conn.set_autocommit(True)
+
+
+async def give_back(
+    pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any], timeout: float
+) -> bool:
+    """Return `conn` to `pool` idle, outside any transaction, in autocommit.
+
+    A connection that cannot be brought back in `timeout` seconds is closed and the pool
+    replaces it. Returns whether it went back healthy. Never raises, and never swallows a
+    cancellation: callers re-raise what they were handling.
+    """
+    healthy = False
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        try:
+            if _usable(conn):
+                await _make_idle(conn, timeout)
+                healthy = _usable(conn)
+        except Exception as ex:
+            logger.warning(
+                "could not reset a returned connection (%s: %s); closing it", type(ex).__name__, ex
+            )
+    if scope.cancelled_caught:
+        logger.warning(
+            "resetting a returned connection took over %.1fs; closing it. %s", timeout, _HINT_SLOW
+        )
+    if not healthy:
+        close_now(conn)
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        try:
+            await pool.putconn(conn)
+        except Exception as ex:
+            logger.warning("could not return a connection to the pool: %s: %s", type(ex), ex)
+            close_now(conn)
+    if scope.cancelled_caught:
+        logger.warning("returning a connection to the pool took over %.1fs", timeout)
+    return healthy
+
+
+async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:
+    """At shutdown: stop whatever `conn` runs on the server, then close it."""
+    with anyio.move_on_after(timeout, shield=True):
+        try:
+            if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                await conn.cancel_safe(timeout=timeout)
+        except Exception as ex:
+            logger.warning("could not cancel a query at shutdown: %s: %s", type(ex).__name__, ex)
+    close_now(conn)
+
+
+async def close_pool(pool: AsyncConnectionPool[Any], timeout: float) -> None:
+    """Close `pool` within about `timeout` seconds, even if the caller is being cancelled."""
+    with anyio.move_on_after(timeout + 1.0, shield=True) as scope:
+        await pool.close(timeout=timeout)
+    if scope.cancelled_caught:
+        logger.warning("closing pool %r took over %.1fs", pool.name, timeout + 1.0)

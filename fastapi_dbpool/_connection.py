@@ -1,0 +1,113 @@
+"""The connection class the pool hands out: psycopg's, plus an owner check on every I/O.
+
+Every statement, fetch, COPY, commit and rollback of a psycopg connection goes through
+`AsyncConnection.wait()`, so overriding it is the one place to check who is using the
+connection, and the one place to stop a running query on the server when its task is
+cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from psycopg import AsyncConnection, waiting
+from psycopg.abc import PQGen
+from psycopg.pq import TransactionStatus
+
+from . import _cleanup
+from .errors import ConnectionInUseError, ConnectionReleasedError
+
+RV = TypeVar("RV")
+_INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+_WAIT_INTERVAL: float = inspect.signature(AsyncConnection.wait).parameters["interval"].default
+
+
+class LeaseState(enum.Enum):
+    ACTIVE = "active"
+    RELEASING = "releasing"
+    ENDED = "ended"
+
+
+class Lease:
+    """One checkout of one connection by one task (a request's, or `db.connection()`'s)."""
+
+    __slots__ = ("conn", "shared", "state", "task")
+
+    def __init__(self, conn: GuardedConnection, task: asyncio.Task[Any] | None, shared: bool):
+        self.conn = conn
+        self.task = task
+        self.shared = shared
+        self.state = LeaseState.ACTIVE
+
+    def __repr__(self) -> str:
+        name = self.task.get_name() if self.task else None
+        return f"<Lease {self.state.value} task={name!r} conn={self.conn!r}>"
+
+
+# The lease of the request running in this context. Tasks spawned by a request copy
+# their context, so they can tell "my request's connection, after the request ended".
+request_lease: ContextVar[Lease | None] = ContextVar("fastapi_dbpool_request_lease", default=None)
+
+
+class GuardedConnection(AsyncConnection[Any]):
+    """`psycopg.AsyncConnection` that refuses use from outside the lease it is out on.
+
+    Raises `ConnectionReleasedError` when a request's connection is used after that
+    request ended, and `ConnectionInUseError` when a task other than the owner uses it
+    while it is out (unless the lease is shared). When the task running a query is
+    cancelled, the query is cancelled on the server under a shielded, bounded scope and
+    its result drained, so the connection stays usable and PostgreSQL stops working.
+    """
+
+    _dbpool_lease: Lease | None = None
+    _dbpool_cancel_timeout: float = 5.0
+
+    def _dbpool_check_owner(self) -> None:
+        lease = self._dbpool_lease
+        if lease is not None:
+            if lease.task is asyncio.current_task() or lease.state is LeaseState.RELEASING:
+                return
+            mine = request_lease.get()
+            if mine is lease:
+                if lease.shared:
+                    return
+                raise ConnectionInUseError(same_request=True)
+            if mine is not None and mine.conn is self:
+                raise ConnectionReleasedError()
+            raise ConnectionInUseError(same_request=False)
+        mine = request_lease.get()
+        if mine is not None and mine.conn is self:
+            raise ConnectionReleasedError()
+
+    async def wait(
+        self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL, timeout: float | None = None
+    ) -> RV:
+        self._dbpool_check_owner()
+        try:
+            return await waiting.wait_async(
+                gen, self.pgconn.socket, interval=interval, timeout=timeout
+            )
+        except _INTERRUPTED:
+            if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
+                await _cleanup.cancel_running_query(
+                    self, gen, interval, self._dbpool_cancel_timeout
+                )
+            raise
+
+
+_guarded_classes: dict[type[AsyncConnection[Any]], type[GuardedConnection]] = {}
+
+
+def guarded_class(cls: type[AsyncConnection[Any]]) -> type[GuardedConnection]:
+    """`cls` with the guard mixed in (the user's `connection_class` keeps working)."""
+    if issubclass(cls, GuardedConnection):
+        return cls
+    if cls is AsyncConnection:
+        return GuardedConnection
+    if cls not in _guarded_classes:
+        _guarded_classes[cls] = type(f"Guarded{cls.__name__}", (GuardedConnection, cls), {})
+    return _guarded_classes[cls]

@@ -1,0 +1,61 @@
+"""Settings from the environment: ``DATABASE_URL`` and ``DBPOOL_*``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from . import _dsn
+from .errors import ConfigurationError
+
+#: ``DBPOOL_*`` variable -> (DBPool keyword, type)
+VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "DBPOOL_MIN_SIZE": ("min_size", int),
+    "DBPOOL_MAX_SIZE": ("max_size", int),
+    "DBPOOL_MAX_WAITING": ("max_waiting", int),
+    "DBPOOL_MAX_IDLE": ("max_idle", float),
+    "DBPOOL_MAX_LIFETIME": ("max_lifetime", float),
+    "DBPOOL_ACQUIRE_TIMEOUT": ("acquire_timeout", float),
+    "DBPOOL_OPEN_TIMEOUT": ("open_timeout", float),
+    "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
+    "DBPOOL_NAME": ("name", str),
+}
+_EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
+
+
+def read(environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """The connection string and DBPool keywords that `environ` sets."""
+    url = environ.get("DATABASE_URL", "").strip()
+    if not url:
+        raise ConfigurationError(
+            f"DATABASE_URL is not set. Set it to a PostgreSQL URL such as {_EXAMPLE_URL}."
+        )
+    try:
+        _dsn.parse(url)
+    except psycopg.Error as ex:
+        raise ConfigurationError(
+            f"DATABASE_URL is malformed ({_dsn.scrub(str(ex))}). Expected a URL such as "
+            f"{_EXAMPLE_URL} or a libpq key=value string."
+        ) from None
+    settings: dict[str, Any] = {}
+    for var, value in environ.items():
+        if not var.startswith("DBPOOL_"):
+            continue
+        if var not in VARIABLES:
+            close = difflib.get_close_matches(var, VARIABLES, n=1)
+            raise ConfigurationError(
+                f"{var} is not a fastapi_dbpool setting"
+                + (f"; did you mean {close[0]}?" if close else ".")
+                + f" Known: {', '.join(sorted(VARIABLES))}."
+            )
+        keyword, convert = VARIABLES[var]
+        try:
+            settings[keyword] = convert(value.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"{var}={value!r} is not a valid {convert.__name__}."
+            ) from None
+    return url, settings

@@ -1,0 +1,274 @@
+"""DBPool: builds the pool closed, opens it on the running loop, closes it bounded."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from . import _cleanup, _dsn, _env
+from ._connection import guarded_class, request_lease
+from ._state import STATE_KEY, PoolRuntime, Settings, attach
+from ._transaction import transaction
+from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
+
+logger = logging.getLogger("fastapi_dbpool")
+
+_OURS = {
+    "open": "the lifespan opens the pool; drop open=",
+    "timeout": "the wait for a connection is bounded per request by acquire_timeout=; "
+    "pass that instead of timeout=",
+}
+
+
+def _positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
+    return float(value)
+
+
+class DBPool:
+    """A psycopg_pool `AsyncConnectionPool` for one FastAPI app, run by the app's lifespan.
+
+    ``DBPool(conninfo, **pool_kwargs)``: `conninfo` is a libpq URL or key=value string;
+    `pool_kwargs` go to `psycopg_pool.AsyncConnectionPool` unchanged (``min_size``,
+    ``max_size``, ``max_waiting``, ``max_idle``, ``configure``, ``reset``...), except
+    ``open`` and ``timeout``, which this class owns. Connections are in autocommit mode.
+
+    Own settings:
+
+    - ``acquire_timeout`` (5 s): how long a request waits for a connection before it is
+      answered 503 with ``Retry-After: retry_after`` (1 s).
+    - ``open_timeout`` (10 s): startup fails with `PoolOpenError` if PostgreSQL cannot
+      be reached and ``min_size`` connections opened by then.
+    - ``close_timeout`` (5 s): bound on closing the pool at shutdown.
+    - ``release_timeout`` (5 s): bound on each cleanup step (server-side cancel, rollback,
+      return); a connection that cannot be cleaned up in time is closed and replaced.
+    - ``allow_concurrent_tasks`` (False): let tasks spawned by a request use its
+      connection while the request holds it (psycopg runs their statements one at a time).
+
+    Nothing connects and nothing binds to an event loop until `lifespan` runs, so a
+    DBPool can be created at import time. Misconfiguration raises `ConfigurationError`
+    here, before any connection is made.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        acquire_timeout: float = 5.0,
+        open_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        release_timeout: float = 5.0,
+        retry_after: int = 1,
+        allow_concurrent_tasks: bool = False,
+        **pool_kwargs: Any,
+    ) -> None:
+        if not isinstance(conninfo, str):
+            raise ConfigurationError("conninfo must be a string (a URL or key=value pairs).")
+        try:
+            params = _dsn.parse(conninfo)
+        except psycopg.Error as ex:
+            raise ConfigurationError(
+                f"The connection string is malformed: {_dsn.scrub(str(ex))}."
+            ) from None
+        for key, why in _OURS.items():
+            if key in pool_kwargs:
+                raise ConfigurationError(f"DBPool does not take {key}=: {why}.")
+        self._conninfo = conninfo
+        self._settings = Settings(
+            acquire_timeout=_positive("acquire_timeout", acquire_timeout),
+            open_timeout=_positive("open_timeout", open_timeout),
+            close_timeout=_positive("close_timeout", close_timeout),
+            release_timeout=_positive("release_timeout", release_timeout),
+            retry_after=max(1, math.ceil(retry_after)),
+            allow_concurrent_tasks=bool(allow_concurrent_tasks),
+        )
+        self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
+        self._pool_kwargs = self._with_our_defaults(pool_kwargs, params)
+        self._runtime: PoolRuntime | None = None
+        try:  # psycopg_pool checks sizes and names; nothing connects with open=False
+            AsyncConnectionPool(conninfo, open=False, **self._pool_kwargs)
+        except (TypeError, ValueError) as ex:
+            raise ConfigurationError(f"Invalid pool setting: {ex}.") from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DBPool:
+        """A DBPool from ``DATABASE_URL`` and ``DBPOOL_*`` variables.
+
+        ``DBPOOL_MIN_SIZE``, ``DBPOOL_MAX_SIZE``, ``DBPOOL_MAX_WAITING``, ``DBPOOL_MAX_IDLE``,
+        ``DBPOOL_MAX_LIFETIME``, ``DBPOOL_ACQUIRE_TIMEOUT``, ``DBPOOL_OPEN_TIMEOUT``,
+        ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``. Keyword `overrides` win over the
+        environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
+        raises `ConfigurationError` naming it.
+        """
+        url, settings = _env.read(os.environ if environ is None else environ)
+        return cls(url, **{**settings, **overrides})
+
+    def _with_our_defaults(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        conn_kwargs = kwargs.get("kwargs")
+        if callable(conn_kwargs):
+            user_kwargs = conn_kwargs
+
+            async def resolved() -> dict[str, Any]:
+                got = user_kwargs()
+                got = await got if isinstance(got, Awaitable) else got
+                return self._connect_kwargs(dict(got), params)
+
+            kwargs["kwargs"] = resolved
+        else:
+            kwargs["kwargs"] = self._connect_kwargs(dict(conn_kwargs or {}), params)
+        kwargs["connection_class"] = guarded_class(
+            kwargs.get("connection_class", AsyncConnection)
+        )
+        if kwargs.get("check") is not None:
+            kwargs["check"] = _outside_requests(kwargs["check"])
+        return kwargs
+
+    def _connect_kwargs(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        if kwargs.get("autocommit", True) is not True:
+            raise ConfigurationError(
+                "DBPool connections are in autocommit mode; use TransactionDep or "
+                "`async with conn.transaction():` for transactions instead of autocommit=False."
+            )
+        kwargs["autocommit"] = True
+        if "application_name" not in params:
+            kwargs.setdefault("application_name", self.name)
+        return kwargs
+
+    def __repr__(self) -> str:
+        state = "running" if self._runtime else "stopped"
+        return f"<DBPool {self.name!r} {_dsn.describe(self._conninfo)} {state}>"
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The running psycopg_pool pool (for its stats); `PoolNotRunningError` if none."""
+        return self._running().pool
+
+    def _running(self) -> PoolRuntime:
+        if self._runtime is None or self._runtime.closing:
+            raise PoolNotRunningError(f"DBPool {self.name!r} is not running")
+        self._runtime.check_loop()
+        return self._runtime
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
+        """Open the pool for `app`, yield the lifespan state, close the pool on exit.
+
+        Use as ``FastAPI(lifespan=db.lifespan)``, or compose it in your own lifespan with
+        ``async with db.lifespan(app):``. The pool opens on the running loop, eagerly:
+        startup waits for ``min_size`` connections and raises `PoolOpenError` (host and
+        database named, no password) if that takes over ``open_timeout``. On exit,
+        connections still checked out are logged, their queries cancelled and closed,
+        and the pool is closed within ``close_timeout``, even if the exit is cancelled.
+        """
+        if self._runtime is not None:
+            raise ConfigurationError(
+                f"DBPool {self.name!r} is already running for another app or lifespan; "
+                "create one DBPool per app."
+            )
+        runtime = await self._open()
+        self._runtime = runtime
+        attach(app, runtime)
+        try:
+            yield {STATE_KEY: runtime}
+        finally:
+            attach(app, None)
+            self._runtime = None
+            await self._close(runtime)
+
+    async def _open(self) -> PoolRuntime:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self._conninfo, open=False, **self._pool_kwargs
+        )
+        timeout = self._settings.open_timeout
+        deadline = time.monotonic() + timeout
+        target = _dsn.describe(self._conninfo)
+        try:
+            with anyio.fail_after(timeout):
+                await self._preflight(pool)
+                await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
+        except (TimeoutError, PoolTimeout) as ex:
+            await _cleanup.close_pool(pool, self._settings.close_timeout)
+            cause = f"{pool.min_size} connection(s) not ready in time ({type(ex).__name__})"
+            raise PoolOpenError(target, timeout, cause) from None
+        except psycopg.Error as ex:
+            await _cleanup.close_pool(pool, self._settings.close_timeout)
+            raise PoolOpenError(target, timeout, _dsn.scrub(str(ex).strip())) from None
+        except BaseException:
+            await _cleanup.close_pool(pool, self._settings.close_timeout)
+            raise
+        logger.info("pool %r open on %s (%s)", pool.name, target, pool.get_stats())
+        return PoolRuntime(pool, self._settings)
+
+    async def _preflight(self, pool: AsyncConnectionPool[Any]) -> None:
+        """One direct connection first, so a wrong password fails now with libpq's reason."""
+        kwargs = pool.kwargs
+        if callable(kwargs):
+            kwargs = await kwargs()
+        conn = await AsyncConnection.connect(self._conninfo, **dict(kwargs or {}))
+        await conn.close()
+
+    async def _close(self, runtime: PoolRuntime) -> None:
+        runtime.closing = True
+        for lease in list(runtime.leases):
+            logger.warning(
+                "pool %r: a connection is still checked out at shutdown (%r); cancelling its "
+                "query and closing it. hint: a task outlived its request or lifespan; await "
+                "it, or cancel it before shutdown",
+                runtime.pool.name,
+                lease,
+            )
+            await _cleanup.cancel_and_close(lease.conn, self._settings.release_timeout)
+        await _cleanup.close_pool(runtime.pool, self._settings.close_timeout)
+        logger.info("pool %r closed", runtime.pool.name)
+
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection of its own, for work outside a request (jobs, spawned tasks).
+
+        Waits up to `timeout` (default ``acquire_timeout``) and raises
+        `PoolExhaustedError` after that. The connection is in autocommit mode, owned by
+        the calling task, and given back (rolled back if needed) when the block exits,
+        whatever the exit, shielded from cancellation and bounded.
+        """
+        runtime = self._running()
+        lease = await runtime.acquire(timeout, for_request=False)
+        try:
+            yield lease.conn
+        finally:
+            await runtime.release(lease)
+
+    @asynccontextmanager
+    async def transaction(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[AsyncConnection[Any]]:
+        """Like `connection`, inside one transaction: committed if the block succeeds."""
+        async with self.connection(timeout) as conn, transaction(
+            conn, self._settings.release_timeout
+        ):
+            yield conn
+
+
+def _outside_requests(
+    check: Callable[[Any], Awaitable[None]],
+) -> Callable[[Any], Awaitable[None]]:
+    """psycopg_pool runs `check` in the task asking for a connection, before it is ours."""
+
+    async def checked(conn: Any) -> None:
+        token = request_lease.set(None)
+        try:
+            await check(conn)
+        finally:
+            request_lease.reset(token)
+
+    return checked

@@ -1,0 +1,167 @@
+"""A running pool: where it lives per app, the loop check, checkout and release of leases."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+from starlette.requests import HTTPConnection
+
+from . import _cleanup
+from ._connection import GuardedConnection, Lease, LeaseState, request_lease
+from .errors import PoolExhaustedError, PoolNotRunningError, WrongEventLoopError
+
+logger = logging.getLogger("fastapi_dbpool")
+STATE_KEY = "fastapi_dbpool"
+_EXHAUSTION_LOG_EVERY = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What fastapi_dbpool adds to psycopg_pool's own settings."""
+
+    acquire_timeout: float
+    open_timeout: float
+    close_timeout: float
+    release_timeout: float
+    retry_after: int
+    allow_concurrent_tasks: bool
+
+
+class PoolRuntime:
+    """One opened pool, bound to the event loop that opened it."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.current_thread().name
+        self.leases: set[Lease] = set()
+        self.closing = False
+        self._last_exhaustion_log = 0.0
+
+    def check_loop(self) -> None:
+        """Raise `WrongEventLoopError` unless called on the loop that opened the pool."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self.loop:
+            raise WrongEventLoopError(
+                self.pool.name,
+                opened_in=f"thread {self.thread!r}",
+                used_in=f"thread {threading.current_thread().name!r}"
+                if loop
+                else "no running asyncio loop",
+            )
+
+    async def acquire(self, timeout: float | None = None, *, for_request: bool) -> Lease:
+        """Check out a live, idle connection, or raise `PoolExhaustedError` in time.
+
+        A connection found dead (its server process terminated, the server restarted) is
+        discarded and the next one tried at once, with no backoff, until the deadline.
+        """
+        if self.closing:
+            raise PoolNotRunningError("the app is shutting down")
+        timeout = self.settings.acquire_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        task = asyncio.current_task()
+        while True:
+            try:
+                conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+            except (PoolTimeout, TooManyRequests) as ex:
+                self._log_exhaustion(ex)
+                raise PoolExhaustedError(
+                    self.pool.name, timeout, self.settings.retry_after, str(ex)
+                ) from ex
+            except PoolClosed as ex:
+                raise PoolNotRunningError("the pool is closed") from ex
+            assert isinstance(conn, GuardedConnection)
+            lease = Lease(conn, task, shared=for_request and self.settings.allow_concurrent_tasks)
+            conn._dbpool_lease = lease
+            self.leases.add(lease)
+            try:
+                if await _alive(conn):
+                    if for_request:
+                        request_lease.set(lease)
+                    return lease
+            except BaseException:
+                await self.release(lease)
+                raise
+            logger.info("discarding a dead connection of pool %r", self.pool.name)
+            _cleanup.close_now(conn)
+            await self.release(lease)
+
+    async def release(self, lease: Lease) -> None:
+        """Give `lease`'s connection back to the pool; shielded, bounded, never raises."""
+        if lease.state is not LeaseState.ACTIVE:
+            return
+        lease.state = LeaseState.RELEASING
+        conn = lease.conn
+        try:
+            await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
+        finally:
+            if conn._dbpool_lease is lease:
+                conn._dbpool_lease = None
+            lease.state = LeaseState.ENDED
+            self.leases.discard(lease)
+
+    def _log_exhaustion(self, ex: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_exhaustion_log >= _EXHAUSTION_LOG_EVERY:
+            self._last_exhaustion_log = now
+            logger.warning(
+                "pool %r exhausted, answering 503: %s (stats: %s). hint: raise max_size if "
+                "PostgreSQL has room, or hold connections for less time (no slow work or "
+                "external calls while a ConnectionDep/TransactionDep is held)",
+                self.pool.name,
+                ex,
+                self.pool.get_stats(),
+            )
+
+
+async def _alive(conn: GuardedConnection) -> bool:
+    """Whether `conn` is fit to hand out, at the cost of a round trip only when in doubt.
+
+    An idle connection has nothing to read. A terminated backend leaves its socket
+    readable (an error, then end of file): only then is the server asked.
+    """
+    pgconn = conn.pgconn
+    if conn.closed or pgconn.status != ConnStatus.OK:
+        return False
+    if pgconn.transaction_status != TransactionStatus.IDLE:
+        return False
+    readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    if not readable:
+        return True
+    try:
+        await conn.execute("")
+    except Exception:
+        return False
+    return not conn.closed and pgconn.transaction_status == TransactionStatus.IDLE
+
+
+def attach(app: Any, runtime: PoolRuntime | None) -> None:
+    """Record (or forget, with None) the running pool on the app itself."""
+    setattr(app.state, STATE_KEY, runtime)
+
+
+def runtime_of(connection: HTTPConnection) -> PoolRuntime:
+    """The pool running for this request's app, checked against the current loop."""
+    state = connection.scope.get("state")
+    runtime = state.get(STATE_KEY) if isinstance(state, Mapping) else None
+    if runtime is None:
+        app = connection.scope.get("app")
+        runtime = getattr(getattr(app, "state", None), STATE_KEY, None)
+    if not isinstance(runtime, PoolRuntime) or runtime.pool.closed:
+        raise PoolNotRunningError()
+    runtime.check_loop()
+    return runtime

@@ -1,0 +1,144 @@
+"""Every error fastapi_dbpool raises, rooted at `DBPoolError`.
+
+::
+
+    DBPoolError
+    ├── ConfigurationError      bad settings, found before anything connects
+    ├── PoolNotRunningError     no lifespan ran for this app, or it already ended
+    ├── WrongEventLoopError     the pool is used from a loop other than the one that opened it
+    ├── PoolOpenError           startup could not reach PostgreSQL in time
+    ├── PoolExhaustedError      no connection within the acquire timeout (an HTTP 503)
+    └── ConnectionMisuseError   a connection used outside the request and task it belongs to
+        ├── ConnectionReleasedError   used after its request ended
+        └── ConnectionInUseError      used by a second task while its request holds it
+
+psycopg's own errors (a failing query, a failed COMMIT) pass through unwrapped.
+Messages say what happened and what to do; none contains a password.
+"""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionInUseError",
+    "ConnectionMisuseError",
+    "ConnectionReleasedError",
+    "DBPoolError",
+    "PoolExhaustedError",
+    "PoolNotRunningError",
+    "PoolOpenError",
+    "WrongEventLoopError",
+]
+
+_USE_OWN_CONNECTION = (
+    "Work that outlives the request or runs in another task must take its own connection: "
+    "`async with db.connection() as conn: ...`."
+)
+
+
+class DBPoolError(Exception):
+    """Base class of every error raised by fastapi_dbpool."""
+
+
+class ConfigurationError(DBPoolError, ValueError):
+    """A setting is missing or malformed; the message names it and how to fix it."""
+
+
+class PoolNotRunningError(DBPoolError, RuntimeError):
+    """A connection was asked for while no pool is running for the app."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "No connection pool is running for this app"
+            + (f" ({detail})" if detail else "")
+            + ". Pass `lifespan=db.lifespan` to FastAPI(), or enter `db.lifespan(app)` inside "
+            "your own lifespan. With Starlette's TestClient, use it as a context manager "
+            "(`with TestClient(app) as client:`) so that the lifespan runs."
+        )
+
+
+class WrongEventLoopError(DBPoolError, RuntimeError):
+    """The pool was opened on one event loop and is used from another.
+
+    asyncio objects cannot cross loops; psycopg_pool would wait until its timeout.
+    """
+
+    def __init__(self, name: str, opened_in: str, used_in: str) -> None:
+        super().__init__(
+            f"The connection pool {name!r} was opened on the event loop of {opened_in} but is "
+            f"used from a different event loop ({used_in}). A pool works only on the loop that "
+            "opened it: run the app's lifespan on the loop that serves its requests (in tests, "
+            "give the app fixture and the test the same event loop scope), or open another "
+            "DBPool for the other loop."
+        )
+
+
+class PoolOpenError(DBPoolError, RuntimeError):
+    """The lifespan could not open the pool: PostgreSQL unreachable, refused or too slow."""
+
+    def __init__(self, target: str, timeout: float, cause: str) -> None:
+        super().__init__(
+            f"Could not open the connection pool to {target} within {timeout:g}s: {cause}. "
+            "Check the connection URL (host, port, database, user, password), that the server "
+            "is running and accepts connections, or raise open_timeout."
+        )
+
+
+class PoolExhaustedError(DBPoolError, HTTPException):
+    """No connection could be had in time; served to the client as 503 with Retry-After.
+
+    Raised when the acquire timeout runs out or when psycopg_pool's ``max_waiting``
+    queue is full. The request holds nothing when this is raised.
+    """
+
+    def __init__(self, name: str, timeout: float, retry_after: int, reason: str) -> None:
+        self.pool_name = name
+        DBPoolError.__init__(self, f"pool {name!r}: {reason}")
+        HTTPException.__init__(
+            self,
+            status_code=503,
+            detail=(
+                f"The database is busy: no connection became free within {timeout:g}s. "
+                "Retry later."
+            ),
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.detail} ({self.args[0]})"
+
+
+class ConnectionMisuseError(DBPoolError, RuntimeError):
+    """A connection was used outside the request and task it was handed to."""
+
+
+class ConnectionReleasedError(ConnectionMisuseError):
+    """A request's connection was used after the request gave it back to the pool."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This connection was handed to a request that has ended; it went back to the pool "
+            "and may now serve another request, so it was not touched. This happens in "
+            "BackgroundTasks, in tasks that outlive the handler, and in streaming response "
+            f"bodies. {_USE_OWN_CONNECTION}"
+        )
+
+
+class ConnectionInUseError(ConnectionMisuseError):
+    """A second task used a connection while the request it belongs to holds it."""
+
+    def __init__(self, same_request: bool) -> None:
+        whose = "its request" if same_request else "another request"
+        super().__init__(
+            f"This connection belongs to a task of {whose} and was used from a different task. "
+            "A connection runs one statement at a time, and a task may outlive the request. "
+            f"{_USE_OWN_CONNECTION}"
+            + (
+                " To share it with tasks that you await before the handler returns, create "
+                "the pool with DBPool(..., allow_concurrent_tasks=True)."
+                if same_request
+                else ""
+            )
+        )

