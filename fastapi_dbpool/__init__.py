@@ -41,12 +41,11 @@ __all__ = [
 ]
 
 
-
 def _present_as_public() -> None:
     """Show users ``fastapi_dbpool.X``, not the private module that defines X."""
     for name in __all__:
         obj = globals()[name]
-        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__code__"):
+        if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__code__")):
             obj.__module__ = __name__
 
 

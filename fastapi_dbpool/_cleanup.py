@@ -22,9 +22,7 @@ logger = logging.getLogger("fastapi_dbpool")
 RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
 _ACTIVE = TransactionStatus.ACTIVE
-_HINT_SLOW = (
-    "hint: the server did not answer in time; check for lock waits or an overloaded server"
-)
+_HINT_SLOW = "hint: the server did not answer in time; check for lock waits or an overloaded server"
 
 
 def _usable(conn: AsyncConnection[Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -99,7 +100,8 @@ class DBPool:
         try:  # psycopg_pool checks sizes and names; nothing connects with open=False
             AsyncConnectionPool(conninfo, open=False, **self._pool_kwargs)
         except (TypeError, ValueError) as ex:
-            raise ConfigurationError(f"Invalid pool setting: {ex}.") from None
+            hint = " (psycopg_pool's min_size defaults to 4)" if "min_size" in str(ex) else ""
+            raise ConfigurationError(f"Invalid pool setting: {ex}{hint}.") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DBPool:
@@ -120,16 +122,15 @@ class DBPool:
             user_kwargs = conn_kwargs
 
             async def resolved() -> dict[str, Any]:
-                got = user_kwargs()
-                got = await got if isinstance(got, Awaitable) else got
+                got: Any = user_kwargs()
+                if inspect.isawaitable(got):
+                    got = await got
                 return self._connect_kwargs(dict(got), params)
 
             kwargs["kwargs"] = resolved
         else:
             kwargs["kwargs"] = self._connect_kwargs(dict(conn_kwargs or {}), params)
-        kwargs["connection_class"] = guarded_class(
-            kwargs.get("connection_class", AsyncConnection)
-        )
+        kwargs["connection_class"] = guarded_class(kwargs.get("connection_class", AsyncConnection))
         if kwargs.get("check") is not None:
             kwargs["check"] = _outside_requests(kwargs["check"])
         return kwargs
@@ -212,9 +213,11 @@ class DBPool:
 
     async def _preflight(self, pool: AsyncConnectionPool[Any]) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
-        kwargs = pool.kwargs
+        kwargs: Any = pool.kwargs
         if callable(kwargs):
-            kwargs = await kwargs()
+            kwargs = kwargs()
+            if inspect.isawaitable(kwargs):
+                kwargs = await kwargs
         conn = await AsyncConnection.connect(self._conninfo, **dict(kwargs or {}))
         await conn.close()
 
@@ -253,8 +256,9 @@ class DBPool:
         self, timeout: float | None = None
     ) -> AsyncIterator[AsyncConnection[Any]]:
         """Like `connection`, inside one transaction: committed if the block succeeds."""
-        async with self.connection(timeout) as conn, transaction(
-            conn, self._settings.release_timeout
+        async with (
+            self.connection(timeout) as conn,
+            transaction(conn, self._settings.release_timeout),
         ):
             yield conn
 

@@ -100,8 +100,7 @@ class PoolExhaustedError(DBPoolError, HTTPException):
             self,
             status_code=503,
             detail=(
-                f"The database is busy: no connection became free within {timeout:g}s. "
-                "Retry later."
+                f"The database is busy: no connection became free within {timeout:g}s. Retry later."
             ),
             headers={"Retry-After": str(retry_after)},
         )

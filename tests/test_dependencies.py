@@ -1,6 +1,5 @@
 """ConnectionDep and TransactionDep against a real server."""
 
-
 import asyncio
 from typing import Annotated, Any
 

@@ -1,0 +1,168 @@
+"""Cancelled requests leak nothing: proven by asking PostgreSQL, for both kinds of cancellation.
+
+Plain ``task.cancel()`` is delivered once; anyio cancel scopes (what Starlette uses)
+re-deliver cancellation at every await, cleanup included.
+"""
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from fastapi_dbpool import ConnectionDep, DBPool, TransactionDep
+
+from .conftest import Server, make_db, serve
+
+pytestmark = pytest.mark.anyio
+
+MAX_SIZE = 4
+Canceller = Callable[[httpx.AsyncClient, str, float], Coroutine[Any, Any, None]]
+CANCELLED_REQUESTS = 200
+
+
+def cancellation_app(db: DBPool) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/query")
+    async def query(conn: ConnectionDep) -> None:
+        await conn.execute("SELECT pg_sleep(0.02)")
+
+    @app.get("/transaction")
+    async def transaction(tx: TransactionDep) -> None:
+        await tx.execute("CREATE TEMP TABLE IF NOT EXISTS t (n int)")
+        await tx.execute("INSERT INTO t VALUES (1)")
+        await asyncio.sleep(0.005)
+        await tx.execute("SELECT pg_sleep(0.01)")
+
+    @app.get("/nested")
+    async def nested(conn: ConnectionDep) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_sleep(0.01)")
+            async with conn.transaction():
+                await conn.execute("SELECT pg_sleep(0.01)")
+
+    @app.get("/barrier/{n}")
+    async def barrier(n: int, conn: ConnectionDep) -> dict[str, int]:
+        arrived.append(1)
+        while len(arrived) < n:
+            await asyncio.sleep(0.005)
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        assert row is not None
+        return {"pid": row[0]}
+
+    arrived: list[int] = []
+    app.state.arrived = arrived
+    return app
+
+
+async def cancel_with_task(client: httpx.AsyncClient, path: str, delay: float) -> None:
+    task = asyncio.create_task(client.get(path))
+    await asyncio.sleep(delay)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def cancel_with_scope(client: httpx.AsyncClient, path: str, delay: float) -> None:
+    with anyio.move_on_after(delay):
+        await client.get(path)
+
+
+async def storm(client: httpx.AsyncClient, cancel: Canceller) -> None:
+    rng = random.Random(1234)
+    paths = ["/query", "/transaction", "/nested"]
+    for start in range(0, CANCELLED_REQUESTS, 16):
+        batch = range(start, min(start + 16, CANCELLED_REQUESTS))
+        async with anyio.create_task_group() as tg:
+            for _ in batch:
+                # 0..40 ms reaches every phase: waiting for the pool (16 requests, 4
+                # connections), mid pg_sleep, between statements, and during release.
+                tg.start_soon(cancel, client, rng.choice(paths), rng.uniform(0, 0.04))
+
+
+@pytest.mark.parametrize("cancel", [cancel_with_task, cancel_with_scope], ids=["task", "scope"])
+async def test_cancelled_requests_leak_nothing(
+    database_url: str,
+    server: Server,
+    app_name: str,
+    cancel: Canceller,
+) -> None:
+    """Failure 3: a cancelled handler leaked its connection, idle in transaction, or its query."""
+    db = make_db(database_url, app_name, min_size=MAX_SIZE, max_size=MAX_SIZE)
+    app = cancellation_app(db)
+    async with serve(app, db) as client:
+        connections_before = db.pool.get_stats()["connections_num"]
+        await storm(client, cancel)
+
+        # PostgreSQL: nothing running, nothing idle in transaction, no backend over max_size
+        states = server.wait_until(lambda s: set(s) <= {"idle"}, timeout=5)
+        assert set(states) <= {"idle"}, states
+        assert len(states) <= MAX_SIZE
+
+        # the pool: every cancelled connection was rolled back and reused, not replaced
+        stats = db.pool.get_stats()
+        assert stats.get("returns_bad", 0) == 0, stats
+        assert stats["connections_num"] - connections_before <= 2, stats
+
+        # and it still serves max_size requests at once, each on its own backend
+        results = await asyncio.gather(
+            *(client.get(f"/barrier/{MAX_SIZE}") for _ in range(MAX_SIZE))
+        )
+        assert [r.status_code for r in results] == [200] * MAX_SIZE
+        assert len({r.json()["pid"] for r in results}) == MAX_SIZE
+
+
+@pytest.mark.parametrize("cancel", [cancel_with_task, cancel_with_scope], ids=["task", "scope"])
+async def test_a_cancelled_query_stops_on_the_server_and_its_connection_is_reused(
+    database_url: str,
+    server: Server,
+    app_name: str,
+    cancel: Canceller,
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = FastAPI()
+
+    @app.get("/long")
+    async def long(conn: ConnectionDep) -> None:
+        await conn.execute("SELECT pg_sleep(30)")
+
+    @app.get("/pid")
+    async def pid(conn: ConnectionDep) -> int:
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with serve(app, db) as client:
+        first = (await client.get("/pid")).json()
+        await cancel(client, "/long", 0.3)
+        # not "eventually when pg_sleep ends": it was cancelled on the server already
+        assert server.states() == ["idle"]
+        assert (await client.get("/pid")).json() == first
+
+
+async def test_cancellation_propagates_and_is_not_swallowed(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name)
+    app = FastAPI()
+    reached_end: list[bool] = []
+
+    @app.get("/long")
+    async def long(tx: TransactionDep) -> None:
+        await tx.execute("SELECT pg_sleep(30)")
+        reached_end.append(True)
+
+    async with serve(app, db) as client:
+        task = asyncio.create_task(client.get("/long"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert reached_end == []

@@ -1,0 +1,215 @@
+"""The lifespan: eager single open on the app's loop, clear errors, clean shutdown."""
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from fastapi_dbpool import (
+    ConfigurationError,
+    ConnectionDep,
+    DBPool,
+    PoolNotRunningError,
+    PoolOpenError,
+    WrongEventLoopError,
+)
+
+from .conftest import Server, make_db, serve
+
+pytestmark = pytest.mark.anyio
+
+
+def one_query_app(db: DBPool | None = None) -> FastAPI:
+    app = FastAPI(lifespan=db.lifespan if db else None)
+
+    @app.get("/one")
+    async def one(conn: ConnectionDep) -> int:
+        row = await (await conn.execute("SELECT 1")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    return app
+
+
+async def test_the_pool_opens_eagerly_and_closes_on_shutdown(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=2, max_size=4)
+    async with db.lifespan(FastAPI()):
+        # min_size connections are up before any request arrives
+        assert server.states() == ["idle", "idle"]
+    assert server.wait_until(lambda s: s == []) == []
+
+
+async def test_concurrent_first_requests_share_one_pool(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """Failure 1: a lazily created pool, raced by the first requests, was duplicated."""
+    db = make_db(database_url, app_name, min_size=1, max_size=5)
+    app = FastAPI()
+    pools: set[int] = set()
+    peak: list[int] = []
+
+    @app.get("/first")
+    async def first(conn: ConnectionDep) -> None:
+        pools.add(id(db.pool))
+        await conn.execute("SELECT pg_sleep(0.05)")
+        peak.append(len(server.states()))
+
+    async with serve(app, db) as client:
+        results = await asyncio.gather(*(client.get("/first") for _ in range(50)))
+        assert [r.status_code for r in results] == [200] * 50
+        assert len(server.states()) <= 5
+    assert len(pools) == 1
+    assert max(peak) <= 5
+
+
+async def test_an_unreachable_database_fails_startup_with_a_clear_error() -> None:
+    db = DBPool("postgresql://app:hunter2@127.0.0.1:1/appdb", open_timeout=3)
+    with pytest.raises(PoolOpenError) as info:
+        async with db.lifespan(FastAPI()):
+            pytest.fail("startup must not succeed")
+    message = str(info.value)
+    assert "127.0.0.1" in message
+    assert "appdb" in message
+    assert "hunter2" not in message
+
+
+async def test_a_misconfigured_database_fails_startup_with_the_server_reason(
+    database_url: str,
+) -> None:
+    db = DBPool(database_url, kwargs={"dbname": "no_such_db"}, open_timeout=5)
+    with pytest.raises(PoolOpenError, match="no_such_db"):
+        async with db.lifespan(FastAPI()):
+            pytest.fail("startup must not succeed")
+
+
+def test_no_lifespan_is_an_immediate_error(database_url: str) -> None:
+    """`TestClient(app)` without `with` never runs the lifespan."""
+    app = one_query_app()
+    client = TestClient(app)
+    with pytest.raises(PoolNotRunningError, match=r"lifespan=db\.lifespan"):
+        client.get("/one")
+
+
+def test_testclient_as_context_manager_runs_the_lifespan(database_url: str, app_name: str) -> None:
+    db = make_db(database_url, app_name)
+    app = one_query_app(db)
+    for _ in range(2):  # a DBPool can run again after a clean shutdown
+        with TestClient(app) as client:
+            assert client.get("/one").json() == 1
+    with pytest.raises(PoolNotRunningError):
+        TestClient(app).get("/one")
+
+
+def test_composes_inside_a_user_lifespan(database_url: str, app_name: str) -> None:
+    db = make_db(database_url, app_name)
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        events.append("user start")
+        async with db.lifespan(app):
+            yield {"mine": 1}
+        events.append("user stop")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/one")
+    async def one(conn: ConnectionDep) -> int:
+        row = await (await conn.execute("SELECT 1")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    with TestClient(app) as client:
+        assert client.get("/one").json() == 1
+    assert events == ["user start", "user stop"]
+
+
+async def test_one_dbpool_cannot_run_twice_at_once(database_url: str, app_name: str) -> None:
+    db = make_db(database_url, app_name)
+    async with db.lifespan(FastAPI()):
+        with pytest.raises(ConfigurationError, match="one DBPool per app"):
+            async with db.lifespan(FastAPI()):
+                pytest.fail("must not start")
+
+
+async def test_use_from_another_event_loop_is_an_error_not_a_hang(
+    database_url: str, app_name: str
+) -> None:
+    """Failure 4: psycopg_pool used from a second loop waits until PoolTimeout."""
+    db = make_db(database_url, app_name, acquire_timeout=30)
+    app = one_query_app()
+    caught: list[BaseException] = []
+
+    async def from_other_loop() -> None:
+        try:
+            async with db.connection():
+                pass
+        except BaseException as ex:
+            caught.append(ex)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            try:
+                await client.get("/one")
+            except BaseException as ex:
+                caught.append(ex)
+
+    async with db.lifespan(app):
+        thread = threading.Thread(target=asyncio.run, args=(from_other_loop(),))
+        thread.start()
+        await asyncio.to_thread(thread.join, 10)
+    assert [type(e) for e in caught] == [WrongEventLoopError, WrongEventLoopError]
+    assert "event loop" in str(caught[0])
+    assert "lifespan" in str(caught[0])
+
+
+async def test_connections_still_out_at_shutdown_are_closed_and_logged(
+    database_url: str, server: Server, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=2, close_timeout=2)
+    started = asyncio.Event()
+    outcome: list[BaseException] = []
+
+    async def stuck_job() -> None:
+        try:
+            async with db.connection() as conn:
+                started.set()
+                await conn.execute("SELECT pg_sleep(60)")
+        except BaseException as ex:
+            outcome.append(ex)
+
+    async with db.lifespan(FastAPI()):
+        job = asyncio.create_task(stuck_job())
+        await started.wait()
+        await asyncio.sleep(0.1)
+        assert "active" in server.states()
+    assert server.wait_until(lambda s: s == [], timeout=5) == []
+    await asyncio.wait_for(job, 5)
+    assert len(outcome) == 1  # the job saw its connection go, it did not hang
+    assert any("still checked out at shutdown" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_cancelled_startup_leaves_nothing_open(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=3, max_size=3)
+
+    async def start() -> None:
+        async with db.lifespan(FastAPI()):
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(start())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert server.wait_until(lambda s: s == []) == []
+    logging.getLogger(__name__).debug("startup cancelled cleanly")
