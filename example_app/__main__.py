@@ -6,7 +6,6 @@ Uses ``DATABASE_URL`` when it is set; otherwise starts a throwaway embedded Post
 
 import logging
 import os
-import sys
 import tempfile
 
 import uvicorn
@@ -32,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

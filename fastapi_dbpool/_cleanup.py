@@ -47,7 +47,7 @@ async def cancel_running_query(
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:
             await conn.cancel_safe(timeout=timeout)
-            await waiting.wait_async(gen, conn.pgconn.socket, interval=interval, timeout=timeout)
+            await waiting.wait_async(gen, conn.pgconn.socket, interval=interval)
         except psycopg.errors.QueryCanceled:
             pass
         except Exception as ex:

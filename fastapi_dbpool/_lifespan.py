@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -196,8 +197,12 @@ class DBPool:
         target = _dsn.describe(self._conninfo)
         try:
             with anyio.fail_after(timeout):
+                cancels = _cancel_requests()
                 await self._preflight(pool)
                 await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
+                if _cancel_requests() > cancels:
+                    # psycopg's connect() can swallow a task.cancel() and return a connection
+                    raise asyncio.CancelledError()
         except (TimeoutError, PoolTimeout) as ex:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             cause = f"{pool.min_size} connection(s) not ready in time ({type(ex).__name__})"
@@ -261,6 +266,13 @@ class DBPool:
             transaction(conn, self._settings.release_timeout),
         ):
             yield conn
+
+
+def _cancel_requests() -> int:
+    """How many cancellations of the current task are pending (0 before Python 3.11)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return int(cancelling()) if cancelling else 0
 
 
 def _outside_requests(

@@ -46,6 +46,7 @@ class PoolRuntime:
         self.thread = threading.current_thread().name
         self.leases: set[Lease] = set()
         self.closing = False
+        self._background: set[asyncio.Task[bool]] = set()
         self._last_exhaustion_log = 0.0
 
     def check_loop(self) -> None:
@@ -108,11 +109,25 @@ class PoolRuntime:
         conn = lease.conn
         try:
             await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
+        except asyncio.CancelledError:
+            # A plain task.cancel() goes through anyio's shield, which holds off only anyio's
+            # own cancellation. psycopg_pool places a returned connection after its last
+            # await, so the connection is not back yet: finish in a task of its own.
+            self._give_back_later(conn)
+            raise
         finally:
             if conn._dbpool_lease is lease:
                 conn._dbpool_lease = None
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
+
+    def _give_back_later(self, conn: GuardedConnection) -> None:
+        task = self.loop.create_task(
+            _cleanup.give_back(self.pool, conn, self.settings.release_timeout),
+            name=f"{self.pool.name}-give-back",
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _log_exhaustion(self, ex: Exception) -> None:
         now = time.monotonic()
@@ -139,14 +154,22 @@ async def _alive(conn: GuardedConnection) -> bool:
         return False
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return False
-    readable, _, _ = select.select([pgconn.socket], [], [], 0)
-    if not readable:
+    if not _readable(pgconn.socket):
         return True
     try:
         await conn.execute("")
     except Exception:
         return False
     return not conn.closed and pgconn.transaction_status == TransactionStatus.IDLE
+
+
+def _readable(fd: int) -> bool:
+    if hasattr(select, "poll"):  # select.select() fails for descriptors over 1023
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
 
 
 def attach(app: Any, runtime: PoolRuntime | None) -> None:

@@ -50,8 +50,12 @@ def cancellation_app(db: DBPool) -> FastAPI:
     @app.get("/barrier/{n}")
     async def barrier(n: int, conn: ConnectionDep) -> dict[str, int]:
         arrived.append(1)
-        while len(arrived) < n:
+        for _ in range(1000):  # bounded: a leaked pool slot fails here instead of hanging
+            if len(arrived) >= n:
+                break
             await asyncio.sleep(0.005)
+        else:
+            raise RuntimeError(f"only {len(arrived)} of {n} requests got a connection")
         cur = await conn.execute("SELECT pg_backend_pid()")
         row = await cur.fetchone()
         assert row is not None
@@ -106,9 +110,11 @@ async def test_cancelled_requests_leak_nothing(
         assert set(states) <= {"idle"}, states
         assert len(states) <= MAX_SIZE
 
-        # the pool: every cancelled connection was rolled back and reused, not replaced
+        # the pool: cancelled connections were rolled back and reused, not replaced. Without
+        # the shielded release about 70 of the 200 are replaced; psycopg 3.3.9 replaces none,
+        # psycopg 3.3.0 now and then one (a query cancelled right as it completes).
         stats = db.pool.get_stats()
-        assert stats.get("returns_bad", 0) == 0, stats
+        assert stats.get("returns_bad", 0) <= 2, stats
         assert stats["connections_num"] - connections_before <= 2, stats
 
         # and it still serves max_size requests at once, each on its own backend
