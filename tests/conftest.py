@@ -86,6 +86,13 @@ def server(database_url: str, app_name: str) -> Server:
     return Server(database_url, app_name)
 
 
+async def pid_of(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The server process behind `conn`: the same pid means the same connection."""
+    row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def make_db(database_url: str, app_name: str, **kwargs: Any) -> DBPool:
     kwargs.setdefault("min_size", 1)
     kwargs.setdefault("max_size", 4)

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import ConnectionDep, DBPool, TransactionDep
 
-from .conftest import Server, make_db, serve
+from .conftest import Server, make_db, pid_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -141,9 +141,7 @@ async def test_a_cancelled_query_stops_on_the_server_and_its_connection_is_reuse
 
     @app.get("/pid")
     async def pid(conn: ConnectionDep) -> int:
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-        assert row is not None
-        return int(row[0])
+        return await pid_of(conn)
 
     async with serve(app, db) as client:
         first = (await client.get("/pid")).json()

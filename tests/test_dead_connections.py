@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import ConnectionDep
 
-from .conftest import Server, make_db, serve
+from .conftest import Server, make_db, pid_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -22,9 +22,7 @@ async def test_terminated_backends_are_replaced_without_failing_a_request(
 
     @app.get("/pid")
     async def pid(conn: ConnectionDep) -> int:
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-        assert row is not None
-        return int(row[0])
+        return await pid_of(conn)
 
     async with serve(app, db) as client:
         server.wait_until(lambda s: s == ["idle"] * 3)

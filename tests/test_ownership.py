@@ -15,15 +15,9 @@ from fastapi_dbpool import (
     TransactionDep,
 )
 
-from .conftest import Server, make_db, serve
+from .conftest import Server, make_db, pid_of, serve
 
 pytestmark = pytest.mark.anyio
-
-
-async def pid_of(conn: AsyncConnection[Any]) -> int:
-    row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_a_task_that_outlives_its_request_cannot_touch_the_next_request(
