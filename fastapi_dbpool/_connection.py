@@ -88,8 +88,6 @@ class GuardedConnection(AsyncConnection[Any]):
     ) -> RV:
         self._dbpool_check_owner()
         try:
-            if timeout is None:  # psycopg < 3.3.4 has no timeout: only newer psycopg passes one
-                return await waiting.wait_async(gen, self.pgconn.socket, interval=interval)
             return await waiting.wait_async(
                 gen, self.pgconn.socket, interval=interval, timeout=timeout
             )

@@ -134,6 +134,10 @@ class DBPool:
         kwargs["connection_class"] = guarded_class(kwargs.get("connection_class", AsyncConnection))
         if kwargs.get("check") is not None:
             kwargs["check"] = _outside_requests(kwargs["check"])
+        # With a reset callback, psycopg_pool's putconn() queues the return for its own
+        # worker without awaiting. Without one it awaits its lock after detaching the
+        # connection, and a task.cancel() landing there loses the connection's pool slot.
+        kwargs["reset"] = kwargs.get("reset") or _keep_as_is
         return kwargs
 
     def _connect_kwargs(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
@@ -266,6 +270,10 @@ class DBPool:
             transaction(conn, self._settings.release_timeout),
         ):
             yield conn
+
+
+async def _keep_as_is(conn: AsyncConnection[Any]) -> None:
+    """A reset that changes nothing: connections come back idle already (see give_back)."""
 
 
 def _cancel_requests() -> int:

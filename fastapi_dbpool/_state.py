@@ -111,8 +111,8 @@ class PoolRuntime:
             await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
         except asyncio.CancelledError:
             # A plain task.cancel() goes through anyio's shield, which holds off only anyio's
-            # own cancellation. psycopg_pool places a returned connection after its last
-            # await, so the connection is not back yet: finish in a task of its own.
+            # own cancellation. putconn() does not await (DBPool always sets a reset), so
+            # the connection was not handed back yet: finish in a task of its own.
             self._give_back_later(conn)
             raise
         finally:

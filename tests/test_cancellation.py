@@ -111,8 +111,8 @@ async def test_cancelled_requests_leak_nothing(
         assert len(states) <= MAX_SIZE
 
         # the pool: cancelled connections were rolled back and reused, not replaced. Without
-        # the shielded release about 70 of the 200 are replaced; psycopg 3.3.9 replaces none,
-        # psycopg 3.3.0 now and then one (a query cancelled right as it completes).
+        # the shielded release about 70 of the 200 are replaced; with it, none or now and then
+        # one (a query cancelled right as it completes).
         stats = db.pool.get_stats()
         assert stats.get("returns_bad", 0) <= 2, stats
         assert stats["connections_num"] - connections_before <= 2, stats
