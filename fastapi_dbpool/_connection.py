@@ -24,6 +24,8 @@ from .errors import ConnectionInUseError, ConnectionReleasedError
 RV = TypeVar("RV")
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 _WAIT_INTERVAL: float = inspect.signature(AsyncConnection.wait).parameters["interval"].default
+#: Bound on each cleanup step when no DBPool setting applies (DBPool's release_timeout default).
+CLEANUP_TIMEOUT = 5.0
 
 
 class LeaseState(enum.Enum):
@@ -35,12 +37,19 @@ class LeaseState(enum.Enum):
 class Lease:
     """One checkout of one connection by one task (a request's, or `db.connection()`'s)."""
 
-    __slots__ = ("conn", "shared", "state", "task")
+    __slots__ = ("cleanup_timeout", "conn", "shared", "state", "task")
 
-    def __init__(self, conn: GuardedConnection, task: asyncio.Task[Any] | None, shared: bool):
+    def __init__(
+        self,
+        conn: GuardedConnection,
+        task: asyncio.Task[Any] | None,
+        shared: bool,
+        cleanup_timeout: float,
+    ):
         self.conn = conn
         self.task = task
         self.shared = shared
+        self.cleanup_timeout = cleanup_timeout
         self.state = LeaseState.ACTIVE
 
     def __repr__(self) -> str:
@@ -64,7 +73,6 @@ class GuardedConnection(AsyncConnection[Any]):
     """
 
     _dbpool_lease: Lease | None = None
-    _dbpool_cancel_timeout: float = 5.0
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease
@@ -93,9 +101,9 @@ class GuardedConnection(AsyncConnection[Any]):
             )
         except _INTERRUPTED:
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
-                await _cleanup.cancel_running_query(
-                    self, gen, interval, self._dbpool_cancel_timeout
-                )
+                lease = self._dbpool_lease
+                timeout = lease.cleanup_timeout if lease else CLEANUP_TIMEOUT
+                await _cleanup.cancel_running_query(self, gen, interval, timeout)
             raise
 
 

@@ -45,17 +45,14 @@ async def get_connection(lease: _Checkout) -> AsyncConnection[Any]:
     return lease.conn
 
 
-async def get_transaction(
-    lease: _Checkout, connection: HTTPConnection
-) -> AsyncIterator[AsyncConnection[Any]]:
+async def get_transaction(lease: _Checkout) -> AsyncIterator[AsyncConnection[Any]]:
     """The request's connection inside a transaction, committed before the response is sent.
 
     COMMIT when the endpoint returns; ROLLBACK when anything is raised, `HTTPException`
     and cancellation included. A failed COMMIT propagates (a 500 by default), never a 2xx
     for data that is not there. Nested ``conn.transaction()`` blocks are savepoints.
     """
-    timeout = runtime_of(connection).settings.release_timeout
-    async with transaction(lease.conn, timeout) as conn:
+    async with transaction(lease.conn, lease.cleanup_timeout) as conn:
         yield conn
 
 

@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import _cleanup, _dsn, _env
-from ._connection import guarded_class, request_lease
+from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
 from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
@@ -70,7 +70,7 @@ class DBPool:
         acquire_timeout: float = 5.0,
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
-        release_timeout: float = 5.0,
+        release_timeout: float = CLEANUP_TIMEOUT,
         retry_after: int = 1,
         allow_concurrent_tasks: bool = False,
         **pool_kwargs: Any,

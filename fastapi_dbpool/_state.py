@@ -86,7 +86,12 @@ class PoolRuntime:
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
             assert isinstance(conn, GuardedConnection)
-            lease = Lease(conn, task, shared=for_request and self.settings.allow_concurrent_tasks)
+            lease = Lease(
+                conn,
+                task,
+                shared=for_request and self.settings.allow_concurrent_tasks,
+                cleanup_timeout=self.settings.release_timeout,
+            )
             conn._dbpool_lease = lease
             self.leases.add(lease)
             try:

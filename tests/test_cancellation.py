@@ -170,3 +170,29 @@ async def test_cancellation_propagates_and_is_not_swallowed(
         with pytest.raises(asyncio.CancelledError):
             await task
     assert reached_end == []
+
+
+async def test_release_timeout_bounds_the_server_side_cancel(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """release_timeout was ignored when a running query was cancelled (a fixed 5 s applied).
+
+    100 us is too short for any cancel request: the connection must be given up and
+    replaced, where the default timeout cancels the query and reuses it (test above).
+    """
+    db = make_db(database_url, app_name, min_size=1, max_size=1, release_timeout=0.0001)
+    app = FastAPI()
+
+    @app.get("/long")
+    async def long(conn: ConnectionDep) -> None:
+        await conn.execute("SELECT pg_sleep(30)")
+
+    @app.get("/pid")
+    async def pid(conn: ConnectionDep) -> int:
+        return await pid_of(conn)
+
+    async with serve(app, db) as client:
+        first = (await client.get("/pid")).json()
+        await cancel_with_task(client, "/long", 0.3)
+        assert (await client.get("/pid")).json() != first
+        assert db.pool.get_stats().get("returns_bad", 0) == 1
