@@ -123,10 +123,7 @@ class DBPool:
             user_kwargs = conn_kwargs
 
             async def resolved() -> dict[str, Any]:
-                got: Any = user_kwargs()
-                if inspect.isawaitable(got):
-                    got = await got
-                return self._connect_kwargs(dict(got), params)
+                return self._connect_kwargs(await _resolve_kwargs(user_kwargs), params)
 
             kwargs["kwargs"] = resolved
         else:
@@ -222,12 +219,8 @@ class DBPool:
 
     async def _preflight(self, pool: AsyncConnectionPool[Any]) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
-        kwargs: Any = pool.kwargs
-        if callable(kwargs):
-            kwargs = kwargs()
-            if inspect.isawaitable(kwargs):
-                kwargs = await kwargs
-        conn = await AsyncConnection.connect(self._conninfo, **dict(kwargs or {}))
+        kwargs = await _resolve_kwargs(pool.kwargs)
+        conn = await AsyncConnection.connect(self._conninfo, **kwargs)
         await conn.close()
 
     async def _close(self, runtime: PoolRuntime) -> None:
@@ -270,6 +263,14 @@ class DBPool:
             transaction(conn, self._settings.release_timeout),
         ):
             yield conn
+
+
+async def _resolve_kwargs(source: Any) -> dict[str, Any]:
+    """A psycopg_pool ``kwargs=`` value as a dict: a mapping, or a (sync or async) callable."""
+    got = source() if callable(source) else source
+    if inspect.isawaitable(got):
+        got = await got
+    return dict(got or {})
 
 
 async def _keep_as_is(conn: AsyncConnection[Any]) -> None:

@@ -213,3 +213,28 @@ async def test_a_cancelled_startup_leaves_nothing_open(
         await task
     assert server.wait_until(lambda s: s == []) == []
     logging.getLogger(__name__).debug("startup cancelled cleanly")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_callable_connection_kwargs_are_resolved_for_every_connection(
+    database_url: str, server: Server, app_name: str, kind: str
+) -> None:
+    """psycopg_pool takes kwargs= as a callable (e.g. rotating credentials); we add ours."""
+    calls: list[int] = []
+
+    def sync_kwargs() -> dict[str, Any]:
+        calls.append(1)
+        return {"application_name": app_name}
+
+    async def async_kwargs() -> dict[str, Any]:
+        return sync_kwargs()
+
+    source = sync_kwargs if kind == "sync" else async_kwargs
+    db = DBPool(database_url, min_size=2, max_size=2, kwargs=source)
+    app = one_query_app()
+    async with serve(app, db) as client:
+        assert (await client.get("/one")).json() == 1
+        assert server.states() == ["idle", "idle"]  # both pool connections got the name
+        async with db.connection() as conn:
+            assert conn.autocommit
+    assert len(calls) == 3  # the startup check, then each of the two pool connections
