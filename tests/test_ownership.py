@@ -20,24 +20,33 @@ from .conftest import Server, make_db, pid_of, serve
 pytestmark = pytest.mark.anyio
 
 
+def add_spawn_route(app: FastAPI, sql: str) -> tuple[asyncio.Event, list[BaseException | None]]:
+    """``GET /spawn`` starts a task that keeps the request's connection and, once the
+    returned event is set, runs `sql` on it; the outcome (None or the error) is recorded."""
+    go = asyncio.Event()
+    outcome: list[BaseException | None] = []
+
+    async def outlive(conn: AsyncConnection[Any]) -> None:
+        await go.wait()
+        try:
+            await conn.execute(sql)
+            outcome.append(None)
+        except BaseException as ex:
+            outcome.append(ex)
+
+    @app.get("/spawn")
+    async def spawn(conn: ConnectionDep) -> None:
+        app.state.task = asyncio.create_task(outlive(conn))
+
+    return go, outcome
+
+
 async def test_a_task_that_outlives_its_request_cannot_touch_the_next_request(
     database_url: str, server: Server, app_name: str
 ) -> None:
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     app = FastAPI()
-    go = asyncio.Event()
-    errors: list[BaseException] = []
-
-    async def outlive(conn: AsyncConnection[Any]) -> None:
-        await go.wait()
-        try:
-            await conn.execute("INSERT INTO nowhere VALUES (1)")
-        except BaseException as ex:
-            errors.append(ex)
-
-    @app.get("/spawn")
-    async def spawn(conn: ConnectionDep) -> None:
-        app.state.task = asyncio.create_task(outlive(conn))
+    go, errors = add_spawn_route(app, "INSERT INTO nowhere VALUES (1)")
 
     @app.get("/hold")
     async def hold(tx: TransactionDep) -> int:
@@ -92,20 +101,7 @@ async def test_a_spawned_task_after_the_request_ended_is_refused_even_while_idle
 ) -> None:
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     app = FastAPI()
-    go = asyncio.Event()
-    outcome: list[BaseException | None] = []
-
-    async def outlive(conn: AsyncConnection[Any]) -> None:
-        await go.wait()
-        try:
-            await conn.execute("BEGIN")
-            outcome.append(None)
-        except BaseException as ex:
-            outcome.append(ex)
-
-    @app.get("/spawn")
-    async def spawn(conn: ConnectionDep) -> None:
-        app.state.task = asyncio.create_task(outlive(conn))
+    go, outcome = add_spawn_route(app, "BEGIN")
 
     async with serve(app, db) as client:
         await client.get("/spawn")
