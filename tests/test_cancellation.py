@@ -125,14 +125,8 @@ async def test_cancelled_requests_leak_nothing(
         assert len({r.json()["pid"] for r in results}) == MAX_SIZE
 
 
-@pytest.mark.parametrize("cancel", [cancel_with_task, cancel_with_scope], ids=["task", "scope"])
-async def test_a_cancelled_query_stops_on_the_server_and_its_connection_is_reused(
-    database_url: str,
-    server: Server,
-    app_name: str,
-    cancel: Canceller,
-) -> None:
-    db = make_db(database_url, app_name, min_size=1, max_size=1)
+def long_query_app() -> FastAPI:
+    """``/long`` runs a 30 s query; ``/pid`` tells which backend serves the request."""
     app = FastAPI()
 
     @app.get("/long")
@@ -142,6 +136,19 @@ async def test_a_cancelled_query_stops_on_the_server_and_its_connection_is_reuse
     @app.get("/pid")
     async def pid(conn: ConnectionDep) -> int:
         return await pid_of(conn)
+
+    return app
+
+
+@pytest.mark.parametrize("cancel", [cancel_with_task, cancel_with_scope], ids=["task", "scope"])
+async def test_a_cancelled_query_stops_on_the_server_and_its_connection_is_reused(
+    database_url: str,
+    server: Server,
+    app_name: str,
+    cancel: Canceller,
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = long_query_app()
 
     async with serve(app, db) as client:
         first = (await client.get("/pid")).json()
@@ -181,15 +188,7 @@ async def test_release_timeout_bounds_the_server_side_cancel(
     replaced, where the default timeout cancels the query and reuses it (test above).
     """
     db = make_db(database_url, app_name, min_size=1, max_size=1, release_timeout=0.0001)
-    app = FastAPI()
-
-    @app.get("/long")
-    async def long(conn: ConnectionDep) -> None:
-        await conn.execute("SELECT pg_sleep(30)")
-
-    @app.get("/pid")
-    async def pid(conn: ConnectionDep) -> int:
-        return await pid_of(conn)
+    app = long_query_app()
 
     async with serve(app, db) as client:
         first = (await client.get("/pid")).json()
