@@ -36,17 +36,24 @@ def close_now(conn: AsyncConnection[Any]) -> None:
 
 
 async def cancel_running_query(
-    conn: AsyncConnection[Any], gen: PQGen[RV], interval: float, timeout: float
+    conn: AsyncConnection[Any],
+    gen: PQGen[RV],
+    interval: float,
+    timeout: float,
+    *,
+    send_cancel: bool = True,
 ) -> None:
     """Stop the query `gen` is waiting on, on the server first, then drain its result.
 
     Called when the task awaiting the query was cancelled. psycopg does the same, but
     unshielded: under anyio its own cancel request is cancelled, the connection closed and
     the query left running on the server. Here it finishes, or the connection is closed.
+    Without `send_cancel` (the middleware already cancelled this query), it only drains.
     """
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:
-            await conn.cancel_safe(timeout=timeout)
+            if send_cancel:
+                await conn.cancel_safe(timeout=timeout)
             await waiting.wait_async(gen, conn.pgconn.socket, interval=interval)
         except psycopg.errors.QueryCanceled:
             pass
@@ -136,14 +143,22 @@ async def give_back(
     return healthy
 
 
-async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:
-    """At shutdown: stop whatever `conn` runs on the server, then close it."""
+async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
+    """Ask PostgreSQL to stop the statement `conn` is running, if any; never raises.
+
+    The task awaiting that statement gets `QueryCanceled` and keeps a usable connection.
+    """
     with anyio.move_on_after(timeout, shield=True):
         try:
             if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
                 await conn.cancel_safe(timeout=timeout)
         except Exception as ex:
-            logger.warning("could not cancel a query at shutdown: %s: %s", type(ex).__name__, ex)
+            logger.warning("could not cancel a query on the server: %s: %s", type(ex).__name__, ex)
+
+
+async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:
+    """At shutdown: stop whatever `conn` runs on the server, then close it."""
+    await cancel_on_server(conn, timeout)
     close_now(conn)
 
 

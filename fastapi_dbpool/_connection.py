@@ -12,7 +12,7 @@ import asyncio
 import enum
 import inspect
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg import AsyncConnection, waiting
 from psycopg.abc import PQGen
@@ -20,6 +20,9 @@ from psycopg.pq import TransactionStatus
 
 from . import _cleanup
 from .errors import ConnectionInUseError, ConnectionReleasedError
+
+if TYPE_CHECKING:
+    from ._deadline import RequestControl
 
 RV = TypeVar("RV")
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
@@ -37,7 +40,7 @@ class LeaseState(enum.Enum):
 class Lease:
     """One checkout of one connection by one task (a request's, or `db.connection()`'s)."""
 
-    __slots__ = ("cleanup_timeout", "conn", "shared", "state", "task")
+    __slots__ = ("cleanup_timeout", "conn", "control", "shared", "state", "task")
 
     def __init__(
         self,
@@ -45,11 +48,13 @@ class Lease:
         task: asyncio.Task[Any] | None,
         shared: bool,
         cleanup_timeout: float,
+        control: RequestControl | None = None,
     ):
         self.conn = conn
         self.task = task
         self.shared = shared
         self.cleanup_timeout = cleanup_timeout
+        self.control = control  # the request whose deadline this checkout obeys
         self.state = LeaseState.ACTIVE
 
     def __repr__(self) -> str:
@@ -73,6 +78,10 @@ class GuardedConnection(AsyncConnection[Any]):
     """
 
     _dbpool_lease: Lease | None = None
+    _dbpool_timeout_ms: int | None = None  # statement_timeout as we last set it (None: not)
+    _dbpool_base_timeout_ms: int | None = None  # the session's own statement_timeout
+    _dbpool_gen: object = None  # the statement being waited for
+    _dbpool_cancelled_gen: object = None  # the statement the middleware cancelled on the server
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease
@@ -95,6 +104,7 @@ class GuardedConnection(AsyncConnection[Any]):
         self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL, timeout: float | None = None
     ) -> RV:
         self._dbpool_check_owner()
+        self._dbpool_gen = gen
         try:
             return await waiting.wait_async(
                 gen, self.pgconn.socket, interval=interval, timeout=timeout
@@ -103,7 +113,9 @@ class GuardedConnection(AsyncConnection[Any]):
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
                 lease = self._dbpool_lease
                 timeout = lease.cleanup_timeout if lease else CLEANUP_TIMEOUT
-                await _cleanup.cancel_running_query(self, gen, interval, timeout)
+                await _cleanup.cancel_running_query(
+                    self, gen, interval, timeout, send_cancel=self._dbpool_cancelled_gen is not gen
+                )
             raise
 
 

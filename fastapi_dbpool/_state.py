@@ -17,7 +17,14 @@ from starlette.requests import HTTPConnection
 
 from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
-from .errors import PoolExhaustedError, PoolNotRunningError, WrongEventLoopError
+from ._deadline import apply_statement_timeout, current_control
+from .errors import (
+    ConfigurationError,
+    DeadlineExceededError,
+    PoolExhaustedError,
+    PoolNotRunningError,
+    WrongEventLoopError,
+)
 
 logger = logging.getLogger("fastapi_dbpool")
 STATE_KEY = "fastapi_dbpool"
@@ -64,24 +71,53 @@ class PoolRuntime:
                 else "no running asyncio loop",
             )
 
-    async def acquire(self, timeout: float | None = None, *, for_request: bool) -> Lease:
+    async def acquire(
+        self, timeout: float | None = None, *, for_request: bool, shared: bool = False
+    ) -> Lease:
         """Check out a live, idle connection, or raise `PoolExhaustedError` in time.
 
         A connection found dead (its server process terminated, the server restarted) is
         discarded and the next one tried at once, with no backoff, until the deadline.
+        Under `CancellationMiddleware`, the request's remaining budget also bounds the wait
+        (`DeadlineExceededError` when it runs out first) and becomes the connection's
+        ``statement_timeout``.
         """
         if self.closing:
             raise PoolNotRunningError("the app is shutting down")
-        timeout = self.settings.acquire_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        control = current_control.get()
+        if control is not None and not control.active:
+            control = None
+        limit = self.settings.acquire_timeout if timeout is None else timeout
+        remaining = control.remaining() if control else None
+        by_deadline = remaining is not None and remaining < limit
+        if remaining is not None and by_deadline:
+            if remaining <= 0:
+                raise DeadlineExceededError()
+            limit = remaining
+        deadline = time.monotonic() + limit
         task = asyncio.current_task()
+        held = request_lease.get() if for_request else None
+        if held is not None and held.state is LeaseState.ACTIVE and held.task is task:
+            raise ConfigurationError(
+                "This request already holds a connection: StreamTransactionDep cannot be "
+                "combined with ConnectionDep or TransactionDep in one request (it would need a "
+                "second connection, and requests holding one while waiting for another can "
+                "deadlock the pool). Use StreamTransactionDep alone."
+            )
         while True:
             try:
                 conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
-            except (PoolTimeout, TooManyRequests) as ex:
+            except PoolTimeout as ex:
+                if by_deadline:
+                    raise DeadlineExceededError() from ex
                 self._log_exhaustion(ex)
                 raise PoolExhaustedError(
-                    self.pool.name, timeout, self.settings.retry_after, str(ex)
+                    self.pool.name, limit, self.settings.retry_after, str(ex)
+                ) from ex
+            except TooManyRequests as ex:
+                self._log_exhaustion(ex)
+                raise PoolExhaustedError(
+                    self.pool.name, limit, self.settings.retry_after, str(ex)
                 ) from ex
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
@@ -89,13 +125,18 @@ class PoolRuntime:
             lease = Lease(
                 conn,
                 task,
-                shared=for_request and self.settings.allow_concurrent_tasks,
+                shared=shared or (for_request and self.settings.allow_concurrent_tasks),
                 cleanup_timeout=self.settings.release_timeout,
+                control=control,
             )
             conn._dbpool_lease = lease
             self.leases.add(lease)
+            if control is not None:
+                control.leases.add(lease)
             try:
                 if await _alive(conn):
+                    left = control.remaining() if control else None
+                    await apply_statement_timeout(conn, None if left is None else max(left, 0))
                     if for_request:
                         request_lease.set(lease)
                     return lease
@@ -125,6 +166,8 @@ class PoolRuntime:
                 conn._dbpool_lease = None
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
+            if lease.control is not None:
+                lease.control.leases.discard(lease)
 
     def _give_back_later(self, conn: GuardedConnection) -> None:
         task = self.loop.create_task(

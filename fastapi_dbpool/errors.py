@@ -8,6 +8,7 @@
     ├── WrongEventLoopError     the pool is used from a loop other than the one that opened it
     ├── PoolOpenError           startup could not reach PostgreSQL in time
     ├── PoolExhaustedError      no connection within the acquire timeout (an HTTP 503)
+    ├── DeadlineExceededError   the request's deadline ran out (an HTTP 504)
     └── ConnectionMisuseError   a connection used outside the request and task it belongs to
         ├── ConnectionReleasedError   used after its request ended
         └── ConnectionInUseError      used by a second task while its request holds it
@@ -26,6 +27,7 @@ __all__ = [
     "ConnectionMisuseError",
     "ConnectionReleasedError",
     "DBPoolError",
+    "DeadlineExceededError",
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
@@ -36,6 +38,8 @@ _USE_OWN_CONNECTION = (
     "Work that outlives the request or runs in another task must take its own connection: "
     "`async with db.connection() as conn: ...`."
 )
+
+DEADLINE_DETAIL = "The request did not complete within its deadline."
 
 
 class DBPoolError(Exception):
@@ -107,6 +111,21 @@ class PoolExhaustedError(DBPoolError, HTTPException):
 
     def __str__(self) -> str:
         return f"{self.status_code}: {self.detail} ({self.args[0]})"
+
+
+class DeadlineExceededError(DBPoolError, HTTPException):
+    """The request's deadline (see `CancellationMiddleware`) ran out; served as 504.
+
+    Raised when the deadline, not ``acquire_timeout``, cut the wait for a connection; the
+    middleware answers the same 504 when it cancels a request at its deadline.
+    """
+
+    def __init__(self) -> None:
+        DBPoolError.__init__(self, DEADLINE_DETAIL)
+        HTTPException.__init__(self, status_code=504, detail=DEADLINE_DETAIL)
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.detail}"
 
 
 class ConnectionMisuseError(DBPoolError, RuntimeError):

@@ -1,0 +1,137 @@
+"""A request's time budget, shared by the middleware that enforces it and the pool that obeys it.
+
+`CancellationMiddleware` puts a `RequestControl` in the request's context. Checkouts made in
+that context register their leases on it (so the middleware can cancel their queries on the
+server) and are bounded by its deadline: the wait for a connection, and each statement
+through PostgreSQL's ``statement_timeout``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends
+from fastapi.params import Depends as DependsParam
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._connection import GuardedConnection, Lease
+
+
+class RequestControl:
+    """The deadline of one HTTP request and the leases taken on its behalf."""
+
+    __slots__ = (
+        "_on_change",
+        "active",
+        "cap",
+        "committing",
+        "deadline",
+        "leases",
+        "start",
+        "stopping",
+    )
+
+    def __init__(self, budget: float | None, cap: float | None) -> None:
+        self.start = time.monotonic()
+        self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
+        self.deadline = math.inf
+        self.leases: set[Lease] = set()
+        self.active = True  # False once the response is complete: later work is not bounded
+        self.stopping: str | None = None  # why the middleware is cancelling the request
+        self.committing = False  # a TransactionDep COMMIT has begun: the deadline waits for it
+        self._on_change: Callable[[], None] | None = None
+        self.set_budget(budget)
+
+    def set_budget(self, budget: float | None) -> None:
+        """Give the request `budget` seconds from its start (None: no limit but the cap)."""
+        limits = [b for b in (budget, self.cap) if b is not None]
+        self.deadline = self.start + min(limits) if limits else math.inf
+        if self._on_change is not None:
+            self._on_change()
+
+    def remaining(self) -> float | None:
+        """Seconds left, or None when the request has no deadline (or no longer obeys one)."""
+        if not self.active or self.deadline == math.inf:
+            return None
+        return self.deadline - time.monotonic()
+
+
+current_control: ContextVar[RequestControl | None] = ContextVar(
+    "fastapi_dbpool_request_control", default=None
+)
+
+
+def deadline(seconds: float | None) -> DependsParam:
+    """A route's time budget, replacing the middleware's default for that route.
+
+    ``@app.get("/report", dependencies=[deadline(120)])``; ``deadline(None)`` lifts the
+    limit (a budget sent by the client in the middleware's header still applies). Raises
+    `ConfigurationError` at request time if `CancellationMiddleware` is not installed,
+    since the budget would otherwise be silently ignored.
+    """
+    if seconds is not None and not (
+        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
+    ):
+        raise ConfigurationError(
+            f"deadline() takes a positive number of seconds or None, got {seconds!r}."
+        )
+
+    def route_deadline() -> None:
+        control = current_control.get()
+        if control is None or not control.active:
+            raise ConfigurationError(
+                "deadline() needs CancellationMiddleware: add "
+                "`app.add_middleware(CancellationMiddleware)` to the app."
+            )
+        control.set_budget(seconds)
+
+    dependency: DependsParam = Depends(route_deadline)
+    return dependency
+
+
+_UNKNOWN = -1
+
+
+# Deadlines are rounded up to this step before they become a statement_timeout, so that a
+# connection serving requests of one budget keeps its setting and needs no SET.
+def _timeout_ms(remaining: float) -> int:
+    step = 1.0 if remaining >= 10 else 0.1
+    return max(1, math.ceil(math.ceil(remaining / step) * step * 1000))
+
+
+async def apply_statement_timeout(conn: GuardedConnection, remaining: float | None) -> None:
+    """Bound each statement on `conn` by `remaining` seconds, or restore the session's own.
+
+    The session's own value (connection options, role or database settings, `configure`)
+    is read once per connection; a deadline never loosens it.
+    """
+    if remaining is None:
+        if conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
+            await _set(conn, conn._dbpool_base_timeout_ms)
+        return
+    if conn._dbpool_base_timeout_ms is None:
+        cur = await conn.execute(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'"
+        )
+        row: Any = await cur.fetchone()
+        conn._dbpool_base_timeout_ms = conn._dbpool_timeout_ms = int(row[0])
+    want = _timeout_ms(remaining)
+    base = conn._dbpool_base_timeout_ms
+    if base:
+        want = min(want, base)
+    if want != conn._dbpool_timeout_ms:
+        await _set(conn, want)
+
+
+async def _set(conn: GuardedConnection, ms: int | None) -> None:
+    if ms is None:
+        return
+    conn._dbpool_timeout_ms = _UNKNOWN  # if the SET is interrupted, the next checkout redoes it
+    await conn.execute(f"SET statement_timeout = {int(ms)}")
+    conn._dbpool_timeout_ms = ms
