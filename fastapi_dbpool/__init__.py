@@ -9,14 +9,24 @@
     async def get_item(item_id: int, conn: ConnectionDep): ...
 """
 
-from ._dependencies import ConnectionDep, TransactionDep, get_connection, get_transaction
+from ._deadline import deadline
+from ._dependencies import (
+    ConnectionDep,
+    StreamTransactionDep,
+    TransactionDep,
+    get_connection,
+    get_stream_transaction,
+    get_transaction,
+)
 from ._lifespan import DBPool
+from ._middleware import CancellationMiddleware
 from .errors import (
     ConfigurationError,
     ConnectionInUseError,
     ConnectionMisuseError,
     ConnectionReleasedError,
     DBPoolError,
+    DeadlineExceededError,
     PoolExhaustedError,
     PoolNotRunningError,
     PoolOpenError,
@@ -24,6 +34,7 @@ from .errors import (
 )
 
 __all__ = [
+    "CancellationMiddleware",
     "ConfigurationError",
     "ConnectionDep",
     "ConnectionInUseError",
@@ -31,12 +42,16 @@ __all__ = [
     "ConnectionReleasedError",
     "DBPool",
     "DBPoolError",
+    "DeadlineExceededError",
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
+    "StreamTransactionDep",
     "TransactionDep",
     "WrongEventLoopError",
+    "deadline",
     "get_connection",
+    "get_stream_transaction",
     "get_transaction",
 ]
 

@@ -52,7 +52,34 @@ async def get_transaction(lease: _Checkout) -> AsyncIterator[AsyncConnection[Any
     and cancellation included. A failed COMMIT propagates (a 500 by default), never a 2xx
     for data that is not there. Nested ``conn.transaction()`` blocks are savepoints.
     """
-    async with transaction(lease.conn, lease.cleanup_timeout) as conn:
+    async with transaction(lease.conn, lease.cleanup_timeout, lease.control) as conn:
+        yield conn
+
+
+async def _stream_checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
+    runtime = runtime_of(connection)
+    lease = await runtime.acquire(for_request=True, shared=True)
+    try:
+        yield lease
+    finally:
+        await runtime.release(lease)
+
+
+async def get_stream_transaction(
+    lease: Annotated[Lease, Depends(_stream_checkout, scope="request")],
+) -> AsyncIterator[AsyncConnection[Any]]:
+    """A connection inside a transaction that lasts until the response has been sent.
+
+    For a `StreamingResponse` whose body reads or writes the database. COMMIT after the
+    last chunk is sent; ROLLBACK if the body raises, or if `CancellationMiddleware` cancels
+    the request (deadline, or the client hung up mid-stream): a cut stream never commits.
+    Without the middleware a client that hangs up is not noticed by every server, and the
+    work is committed. A failed COMMIT cannot change a response already sent: it is raised
+    to the server, which logs it. The connection is held for the whole response, so keep
+    such streams few; a request that uses this cannot also use `ConnectionDep` or
+    `TransactionDep` (`ConnectionInUseError`).
+    """
+    async with transaction(lease.conn, lease.cleanup_timeout, lease.control) as conn:
         yield conn
 
 
@@ -61,3 +88,7 @@ ConnectionDep = Annotated[AsyncConnection[Any], Depends(get_connection)]
 
 TransactionDep = Annotated[AsyncConnection[Any], Depends(get_transaction, scope="function")]
 """A request's connection inside one transaction; see `get_transaction`."""
+
+StreamTransactionDep = Annotated[AsyncConnection[Any], Depends(get_stream_transaction)]
+"""A transaction that lasts until a streamed response has been sent; see
+`get_stream_transaction`."""

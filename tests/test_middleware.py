@@ -1,0 +1,497 @@
+"""CancellationMiddleware, ASGI level: scripted `receive`, recorded `send`, real PostgreSQL."""
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
+
+from fastapi_dbpool import (
+    CancellationMiddleware,
+    ConfigurationError,
+    ConnectionDep,
+    DBPool,
+    DeadlineExceededError,
+    PoolExhaustedError,
+    StreamTransactionDep,
+    TransactionDep,
+    deadline,
+)
+from fastapi_dbpool._deadline import RequestControl, current_control
+
+from .conftest import Server, make_db, pid_of
+
+pytestmark = pytest.mark.anyio
+
+DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+def body(chunk: bytes, more: bool = False) -> Message:
+    return {"type": "http.request", "body": chunk, "more_body": more}
+
+
+class Client:
+    """A scripted ASGI client. `steps` are messages to hand out, pauses (seconds) or events to
+    wait for; then, like a server, nothing until the response is complete, then a disconnect.
+    After a disconnect every receive() is a disconnect."""
+
+    def __init__(self, *steps: Message | float | asyncio.Event) -> None:
+        self.steps = deque(steps)
+        self.sent: list[Message] = []
+        self.receive_calls = 0
+        self.complete = asyncio.Event()
+        self.gone = False
+
+    async def receive(self) -> Message:
+        self.receive_calls += 1
+        while self.steps and not self.gone:
+            step = self.steps.popleft()
+            if isinstance(step, asyncio.Event):
+                await step.wait()
+            elif isinstance(step, (int, float)):
+                await asyncio.sleep(step)
+            else:
+                self.gone = step["type"] == "http.disconnect"
+                return step
+        if not self.gone:
+            await self.complete.wait()
+        return DISCONNECT
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete.set()
+
+    @property
+    def status(self) -> int | None:
+        starts = [m["status"] for m in self.sent if m["type"] == "http.response.start"]
+        assert len(starts) <= 1, self.sent
+        return starts[0] if starts else None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+    @property
+    def finished(self) -> bool:
+        return self.complete.is_set()
+
+
+def scope(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+async def call(app: Any, client: Client, path: str, **kw: Any) -> None:
+    with anyio.fail_after(15):
+        await app(scope(path, **kw), client.receive, client.send)
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> Any:
+    """Poll `predicate` (run in a thread: it may query PostgreSQL) until it is truthy."""
+    with anyio.fail_after(timeout):
+        while not (result := await anyio.to_thread.run_sync(predicate)):
+            await asyncio.sleep(0.02)
+    return result
+
+
+def active(server: Server) -> list[str]:
+    return [s for s in server.states() if s not in ("idle", "")]
+
+
+def db_app(db: DBPool, **middleware: Any) -> FastAPI:
+    """A small app of slow endpoints, behind the middleware."""
+    app = FastAPI(lifespan=db.lifespan)
+    app.add_middleware(CancellationMiddleware, **middleware)
+    app.state.reached = []
+
+    @app.get("/sleep")
+    async def sleep(conn: ConnectionDep) -> None:
+        await conn.execute("SELECT pg_sleep(30)")
+        app.state.reached.append("sleep")
+
+    @app.post("/write")
+    async def write(request: Request, tx: TransactionDep) -> None:
+        await request.body()
+        await tx.execute("INSERT INTO mw_rows VALUES ('write')")
+        await tx.execute("SELECT pg_sleep(30)")
+        app.state.reached.append("write")
+
+    @app.get("/pid")
+    async def pid(conn: ConnectionDep) -> int:
+        return await pid_of(conn)
+
+    @app.get("/timeout", dependencies=[deadline(2)])
+    async def timeout(conn: ConnectionDep) -> str:
+        cur = await conn.execute("SELECT current_setting('statement_timeout')")
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    @app.get("/stream")
+    async def stream(tx: StreamTransactionDep) -> StreamingResponse:
+        async def rows() -> AsyncIterator[bytes]:
+            for n in range(1000):
+                await tx.execute("INSERT INTO mw_rows VALUES ('stream')")
+                yield f"{n}\n".encode()
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(rows())
+
+    return app
+
+
+@pytest.fixture
+async def table(database_url: str) -> AsyncIterator[str]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS mw_rows (src text)")
+        await conn.execute("TRUNCATE mw_rows")
+        yield "mw_rows"
+
+
+def rows(server: Server) -> list[str]:
+    return [r[0] for r in server.query("SELECT src FROM mw_rows")]
+
+
+async def test_lifespan_and_websocket_scopes_pass_through_untouched() -> None:
+    seen: list[tuple[str, Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["type"], receive, send))
+
+    middleware = CancellationMiddleware(app, timeout=0.01)
+    client = Client()
+    for kind in ("lifespan", "websocket"):
+        await middleware({"type": kind}, client.receive, client.send)
+    assert seen == [
+        ("lifespan", client.receive, client.send),
+        ("websocket", client.receive, client.send),
+    ]
+
+
+async def test_the_body_reaches_the_app_whole_and_in_order_during_a_slow_upload() -> None:
+    """Watching for a disconnect must not steal body messages, whatever the read-ahead."""
+    chunks = [bytes([65 + n]) * 100 for n in range(8)]
+    for read_ahead in (0, 150, 1 << 20):
+        app = FastAPI()
+        app.add_middleware(CancellationMiddleware, timeout=5, read_ahead=read_ahead)
+
+        @app.post("/upload")
+        async def upload(request: Request) -> dict[str, Any]:
+            await asyncio.sleep(0.05)  # the middleware reads ahead meanwhile
+            got = [chunk async for chunk in request.stream() if chunk]
+            return {"n": len(got), "body": b"".join(got).decode()}
+
+        steps: list[Message | float] = []
+        for n, chunk in enumerate(chunks):
+            steps += [0.01, body(chunk, more=n < len(chunks) - 1)]
+        client = Client(*steps)
+        await call(app, client, "/upload", method="POST")
+        assert client.status == 200, read_ahead
+        assert json.loads(client.body)["body"] == b"".join(chunks).decode(), read_ahead
+
+
+async def test_a_client_gone_before_the_body_cancels_the_handler_and_gets_nothing() -> None:
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware)
+    ran: list[str] = []
+
+    @app.post("/echo")
+    async def echo(request: Request) -> None:
+        await request.body()
+        ran.append("after body")
+
+    for steps in ([DISCONNECT], [body(b"x" * 10, more=True), 0.02, DISCONNECT]):
+        client = Client(*steps)
+        await call(app, client, "/echo", method="POST")
+        assert client.sent == []
+    assert ran == []
+
+
+async def test_a_client_gone_mid_query_stops_the_query_on_the_server(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """uvicorn never cancels a handler whose client left: its query ran on in PostgreSQL."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db)
+    async with db.lifespan(app):
+        first = Client(body(b""))
+        await call(app, first, "/pid")
+        gone = asyncio.Event()
+        client = Client(body(b""), gone, DISCONNECT)
+        request = asyncio.create_task(call(app, client, "/sleep"))
+        await until(lambda: active(server))
+        gone.set()
+        await request
+        assert client.sent == []
+        assert app.state.reached == []
+        assert server.states() == ["idle"]  # stopped at once, not when pg_sleep(30) ends
+        again = Client(body(b""))
+        await call(app, again, "/pid")
+        assert again.body == first.body  # the same backend: reused, not closed
+
+
+async def test_a_deadline_answers_504_rolls_back_and_stops_the_query(
+    database_url: str, server: Server, app_name: str, table: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db, timeout=0.5)
+    async with db.lifespan(app):
+        client = Client(body(b"payload"))
+        await call(app, client, "/write", method="POST")
+        assert client.status == 504
+        assert json.loads(client.body) == {
+            "detail": "The request did not complete within its deadline."
+        }
+        assert app.state.reached == []
+        assert server.states() == ["idle"]
+        assert rows(server) == []
+
+
+async def test_the_server_is_cancelled_first_even_where_the_task_cannot_be(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """A query awaited under a shield (or by a task out of the request's scope) ignores the
+    task's cancellation; cancelled in PostgreSQL first, it ends, and so does the request.
+    (No deadline here: the statement_timeout a deadline sets would end the query too.)"""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db, timeout=None)
+
+    @app.get("/shielded")
+    async def shielded(conn: ConnectionDep) -> None:
+        with anyio.CancelScope(shield=True):
+            await conn.execute("SELECT pg_sleep(30)")
+
+    async with db.lifespan(app):
+        client = Client(body(b""), 0.3, DISCONNECT)
+        with anyio.fail_after(5):  # not the 30 s of pg_sleep
+            await call(app, client, "/shielded")
+        assert client.sent == []
+        assert server.states() == ["idle"]
+
+
+async def test_a_route_deadline_becomes_the_statement_timeout_and_is_undone_after(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db, timeout=30)
+    async with db.lifespan(app):
+        client = Client(body(b""))
+        await call(app, client, "/timeout")
+        assert json.loads(client.body) == "2s"
+        async with db.connection() as conn:  # outside any request: the session's own value
+            cur = await conn.execute("SELECT current_setting('statement_timeout')")
+            assert await cur.fetchone() == ("0",)
+
+
+async def test_a_deadline_never_loosens_the_sessions_own_statement_timeout(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(
+        database_url,
+        app_name,
+        min_size=1,
+        max_size=1,
+        kwargs={"options": "-c statement_timeout=1500"},
+    )
+    app = db_app(db, timeout=30)
+    async with db.lifespan(app):
+        client = Client(body(b""))
+        await call(app, client, "/timeout")
+        assert json.loads(client.body) == "1500ms"
+
+
+async def test_the_deadline_reaches_postgresql_even_where_nothing_else_acts(
+    database_url: str, app_name: str
+) -> None:
+    """Without the middleware's timer (a blocked loop, a task out of reach), PostgreSQL's own
+    statement_timeout still stops a statement at the deadline, rounded up to 0.1 s."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()):
+        token = current_control.set(RequestControl(0.45, None))
+        try:
+            async with db.connection() as conn:
+                with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+                    await conn.execute("SELECT pg_sleep(5)")
+                cur = await conn.execute("SELECT current_setting('statement_timeout')")
+                assert await cur.fetchone() == ("500ms",)
+        finally:
+            current_control.reset(token)
+
+
+async def test_the_deadline_bounds_the_wait_for_a_connection(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1, acquire_timeout=30)
+    async with db.lifespan(FastAPI()), db.connection():
+        token = current_control.set(RequestControl(0.2, None))
+        try:
+            with anyio.fail_after(5), pytest.raises(DeadlineExceededError) as info:
+                async with db.connection():
+                    pass
+            assert info.value.status_code == 504
+            assert not isinstance(info.value, PoolExhaustedError)
+        finally:
+            current_control.reset(token)
+
+
+async def test_a_stream_cut_by_its_client_rolls_back_its_transaction(
+    database_url: str, server: Server, app_name: str, table: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db)
+    async with db.lifespan(app):
+        client = Client(body(b""), 0.3, DISCONNECT)
+        await call(app, client, "/stream")
+        assert client.status == 200
+        assert not client.finished
+        assert client.body.count(b"\n") > 3  # it streamed for a while
+        assert rows(server) == []
+        assert server.wait_until(lambda s: s == ["idle"]) == ["idle"]
+
+
+async def test_a_stream_cut_by_its_deadline_is_ended_and_rolled_back(
+    database_url: str, server: Server, app_name: str, table: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db, timeout=0.3)
+    async with db.lifespan(app):
+        client = Client(body(b""))
+        await call(app, client, "/stream")
+        assert client.status == 200
+        assert client.finished  # the body was ended, well-formed
+        lines = client.body.decode().split()
+        assert 3 < len(lines) < 1000
+        assert lines == [str(n) for n in range(len(lines))]
+        assert rows(server) == []
+
+
+async def test_a_completed_stream_commits(
+    database_url: str, server: Server, app_name: str, table: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = FastAPI(lifespan=db.lifespan)
+    app.add_middleware(CancellationMiddleware)
+
+    @app.get("/stream")
+    async def stream(tx: StreamTransactionDep) -> StreamingResponse:
+        async def rows() -> AsyncIterator[bytes]:
+            for n in range(3):
+                await tx.execute("INSERT INTO mw_rows VALUES ('done')")
+                yield b"%d\n" % n
+
+        return StreamingResponse(rows())
+
+    async with db.lifespan(app):
+        client = Client(body(b""))
+        await call(app, client, "/stream")
+        assert client.body == b"0\n1\n2\n"
+    assert rows(server) == ["done"] * 3
+
+
+async def test_after_the_response_nothing_is_watched_or_cancelled() -> None:
+    """BackgroundTasks run after the response: the deadline and disconnects no longer apply."""
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware, timeout=0.1)
+    done: list[int] = []
+
+    async def job() -> None:
+        await asyncio.sleep(0.3)
+        done.append(client.receive_calls)
+
+    @app.get("/")
+    async def index(background: BackgroundTasks) -> str:
+        background.add_task(job)
+        return "ok"
+
+    client = Client(body(b""))
+    await call(app, client, "/")
+    assert client.status == 200
+    assert len(done) == 1  # not cancelled by the 0.1 s deadline
+    assert done == [client.receive_calls]  # and receive() was not called again meanwhile
+
+
+async def test_users_see_their_own_exception_never_a_group() -> None:
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware)
+
+    @app.get("/")
+    async def index() -> None:
+        raise LookupError("mine")
+
+    with pytest.raises(LookupError, match="mine") as info:
+        await call(app, Client(body(b"")), "/")
+    assert type(info.value) is LookupError
+
+
+async def test_a_gateway_header_shortens_the_deadline_but_never_lengthens_it() -> None:
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware, timeout=0.5, timeout_header="X-Request-Timeout")
+
+    @app.get("/wait/{seconds}")
+    async def wait(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    short = Client(body(b""))
+    await call(app, short, "/wait/0.3", headers={"X-Request-Timeout": "0.1"})
+    assert short.status == 504
+    long = Client(body(b""))
+    await call(app, long, "/wait/1", headers={"X-Request-Timeout": "10"})
+    assert long.status == 504
+    bad = Client(body(b""))
+    await call(app, bad, "/wait/0", headers={"X-Request-Timeout": "soon"})
+    assert bad.status == 400
+    assert "X-Request-Timeout" in json.loads(bad.body)["detail"]
+    assert "soon" in json.loads(bad.body)["detail"]
+
+
+async def test_deadline_without_the_middleware_is_a_clear_error() -> None:
+    app = FastAPI()
+
+    @app.get("/", dependencies=[deadline(5)])
+    async def index() -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="add_middleware"):
+        await call(app, Client(body(b"")), "/")
+    with pytest.raises(ConfigurationError, match="positive"):
+        deadline(0)
+    with pytest.raises(ConfigurationError, match="positive"):
+        CancellationMiddleware(app, timeout=-1)
+
+
+async def test_a_stream_transaction_cannot_be_combined_with_the_request_connection(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=2)
+    app = FastAPI(lifespan=db.lifespan)
+
+    @app.get("/both")
+    async def both(conn: ConnectionDep, tx: StreamTransactionDep) -> None:
+        pass
+
+    async with db.lifespan(app):
+        with pytest.raises(ConfigurationError, match="StreamTransactionDep alone"):
+            await call(app, Client(body(b"")), "/both")
+        stats = db.pool.get_stats
+        await until(lambda: stats()["pool_available"] == stats()["pool_size"] > 0)
