@@ -8,7 +8,11 @@ server cannot hang it. A step that runs out of time closes the connection instea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -22,6 +26,7 @@ logger = logging.getLogger("fastapi_dbpool")
 RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
 _ACTIVE = TransactionStatus.ACTIVE
+_RECANCEL_FIRST, _RECANCEL_MAX = 0.05, 0.5
 _HINT_SLOW = "hint: the server did not answer in time; check for lock waits or an overloaded server"
 
 
@@ -48,13 +53,15 @@ async def cancel_running_query(
     Called when the task awaiting the query was cancelled. psycopg does the same, but
     unshielded: under anyio its own cancel request is cancelled, the connection closed and
     the query left running on the server. Here it finishes, or the connection is closed.
-    Without `send_cancel` (the middleware already cancelled this query), it only drains.
+    Without `send_cancel` (the middleware has just cancelled this query), the first
+    cancel request is not sent again.
     """
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:
             if send_cancel:
                 await conn.cancel_safe(timeout=timeout)
-            await waiting.wait_async(gen, conn.pgconn.socket, interval=interval)
+            async with _repeating_cancel(conn, timeout):
+                await waiting.wait_async(gen, conn.pgconn.socket, interval=interval)
         except psycopg.errors.QueryCanceled:
             pass
         except Exception as ex:
@@ -76,6 +83,37 @@ async def cancel_running_query(
         close_now(conn)
 
 
+@asynccontextmanager
+async def _repeating_cancel(conn: AsyncConnection[Any], timeout: float) -> AsyncIterator[None]:
+    """Send the cancel request again, backing off, until the block (the drain) ends.
+
+    A cancel request that reaches the server before the statement does finds the backend
+    idle and is ignored; the statement then runs to its end. No other statement can start
+    on `conn` while it is drained, so a repeated request can only hit this one.
+    """
+    drained = asyncio.Event()
+
+    async def repeat() -> None:
+        delay = _RECANCEL_FIRST
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(drained.wait(), delay)
+                return
+            try:
+                await conn.cancel_safe(timeout=timeout)
+            except Exception as ex:
+                logger.debug("repeating a cancel request failed: %r", ex)
+                return
+            delay = min(delay * 2, _RECANCEL_MAX)
+
+    task = asyncio.get_running_loop().create_task(repeat())
+    try:
+        yield
+    finally:
+        drained.set()
+        await task  # an in-flight cancel request must land before the next statement is sent
+
+
 async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) -> None:
     """End `tx` with a rollback, whatever cancellation is going on around it."""
     with anyio.move_on_after(timeout, shield=True) as scope:
@@ -90,6 +128,9 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
 
 
 async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
+    pending: anyio.Event | None = getattr(conn, "_dbpool_cancel_done", None)
+    if pending is not None:
+        await pending.wait()  # a cancel request in flight from another task (cancel_on_server)
     if conn.pgconn.transaction_status == _ACTIVE:
         # Another task is still running a statement on it: stop it on the server and let
         # that task see QueryCanceled; the lock is free once its statement has ended.
@@ -147,13 +188,23 @@ async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
     """Ask PostgreSQL to stop the statement `conn` is running, if any; never raises.
 
     The task awaiting that statement gets `QueryCanceled` and keeps a usable connection.
+    A cancel request names a backend, not a statement: until it has been delivered, the
+    connection is not reset or handed to anyone else (see `_make_idle`), or it could cancel
+    the next user's statement.
     """
-    with anyio.move_on_after(timeout, shield=True):
-        try:
-            if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
-                await conn.cancel_safe(timeout=timeout)
-        except Exception as ex:
-            logger.warning("could not cancel a query on the server: %s: %s", type(ex).__name__, ex)
+    done = anyio.Event()
+    setattr(conn, "_dbpool_cancel_done", done)  # noqa: B010 (a GuardedConnection slot)
+    try:
+        with anyio.move_on_after(timeout, shield=True):
+            try:
+                if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                    await conn.cancel_safe(timeout=timeout)
+            except Exception as ex:
+                logger.warning(
+                    "could not cancel a query on the server: %s: %s", type(ex).__name__, ex
+                )
+    finally:
+        done.set()
 
 
 async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:

@@ -82,6 +82,7 @@ class GuardedConnection(AsyncConnection[Any]):
     _dbpool_base_timeout_ms: int | None = None  # the session's own statement_timeout
     _dbpool_gen: object = None  # the statement being waited for
     _dbpool_cancelled_gen: object = None  # the statement the middleware cancelled on the server
+    _dbpool_cancel_done: Any = None  # set once the middleware's cancel request was delivered
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease

@@ -195,3 +195,30 @@ async def test_release_timeout_bounds_the_server_side_cancel(
         await cancel_with_task(client, "/long", 0.3)
         assert (await client.get("/pid")).json() != first
         assert db.pool.get_stats().get("returns_bad", 0) == 1
+
+
+async def test_a_lost_cancel_request_is_sent_again(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """A cancel request that reaches PostgreSQL before the statement does is ignored, and the
+    statement ran to its end while its cancelled task waited (seen as orphaned queries in the
+    middleware's storm). The drain now repeats the request until the statement stops."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            first = await pid_of(conn)
+
+        async def long() -> None:
+            async with db.connection() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+
+        task = asyncio.create_task(long())
+        await anyio.to_thread.run_sync(lambda: server.wait_until(lambda s: "active" in s))
+        conn = next(iter(db._running().leases)).conn
+        conn._dbpool_cancelled_gen = conn._dbpool_gen  # as if a first request had been lost
+        task.cancel()
+        with anyio.fail_after(3), pytest.raises(asyncio.CancelledError):  # not 30 s, nor 5 s
+            await task
+        assert server.states() == ["idle"]
+        async with db.connection() as conn:
+            assert await pid_of(conn) == first  # the query was stopped, the connection kept
