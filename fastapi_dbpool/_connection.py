@@ -105,6 +105,10 @@ class GuardedConnection(AsyncConnection[Any]):
         self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL, timeout: float | None = None
     ) -> RV:
         self._dbpool_check_owner()
+        if self._dbpool_cancel_done is not None and not self._dbpool_cancel_done.is_set():
+            # A cancel request names a backend, not a statement: one still in flight from
+            # another task would cancel this statement (a ROLLBACK, the next request's query).
+            await self._dbpool_cancel_done.wait()
         self._dbpool_gen = gen
         try:
             return await waiting.wait_async(

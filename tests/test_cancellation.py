@@ -14,6 +14,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
+from psycopg.pq import TransactionStatus
 
 from fastapi_dbpool import ConnectionDep, DBPool, TransactionDep
 
@@ -222,3 +223,32 @@ async def test_a_lost_cancel_request_is_sent_again(
         assert server.states() == ["idle"]
         async with db.connection() as conn:
             assert await pid_of(conn) == first  # the query was stopped, the connection kept
+
+
+async def test_no_statement_is_sent_while_a_cancel_request_is_in_flight(
+    database_url: str, app_name: str
+) -> None:
+    """A cancel request names a backend, not a statement. One sent by the middleware's task
+    landed on the ROLLBACK that followed the statement it was meant for (the storm logged
+    "error ignored in rollback"); a statement now waits until such a request has landed."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    in_flight, holding = anyio.Event(), anyio.Event()
+    conns: list[Any] = []
+
+    async def query() -> Any:
+        async with db.connection() as conn:
+            conn._dbpool_cancel_done = in_flight  # type: ignore[attr-defined]
+            conns.append(conn)
+            holding.set()
+            cur = await conn.execute("SELECT 1")
+            conns.append(conn)  # the statement ran
+            return await cur.fetchone()
+
+    async with db.lifespan(FastAPI()):
+        task = asyncio.create_task(query())
+        await holding.wait()
+        await asyncio.sleep(0.1)
+        assert len(conns) == 1  # the statement has not run
+        assert conns[0].pgconn.transaction_status == TransactionStatus.IDLE  # nor been sent
+        in_flight.set()
+        assert await task == (1,)
