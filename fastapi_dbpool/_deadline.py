@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -24,36 +23,34 @@ if TYPE_CHECKING:
 
 
 class RequestControl:
-    """The deadline of one HTTP request and the leases taken on its behalf."""
+    """The deadline of one HTTP request and the leases taken on its behalf.
 
-    __slots__ = (
-        "_on_change",
-        "active",
-        "cap",
-        "committing",
-        "deadline",
-        "leases",
-        "start",
-        "stopping",
-    )
+    `CancellationMiddleware` makes one per request (its `Watcher` subclass enforces it).
+    """
+
+    __slots__ = ("active", "cap", "committing", "deadline", "leases", "start", "stopping")
 
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
         self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
-        self.deadline = math.inf
+        self.deadline = self._deadline_for(budget)
         self.leases: set[Lease] = set()
         self.active = True  # False once the response is complete: later work is not bounded
         self.stopping: str | None = None  # why the middleware is cancelling the request
         self.committing = False  # a TransactionDep COMMIT has begun: the deadline waits for it
-        self._on_change: Callable[[], None] | None = None
-        self.set_budget(budget)
+
+    def _deadline_for(self, budget: float | None) -> float:
+        if budget is None:
+            return math.inf if self.cap is None else self.start + self.cap
+        return self.start + (budget if self.cap is None else min(budget, self.cap))
 
     def set_budget(self, budget: float | None) -> None:
         """Give the request `budget` seconds from its start (None: no limit but the cap)."""
-        limits = [b for b in (budget, self.cap) if b is not None]
-        self.deadline = self.start + min(limits) if limits else math.inf
-        if self._on_change is not None:
-            self._on_change()
+        self.deadline = self._deadline_for(budget)
+        self._deadline_changed()
+
+    def _deadline_changed(self) -> None:
+        """Hook for the enforcer of the deadline."""
 
     def remaining(self) -> float | None:
         """Seconds left, or None when the request has no deadline (or no longer obeys one)."""
@@ -96,13 +93,16 @@ def deadline(seconds: float | None) -> DependsParam:
 
 
 _UNKNOWN = -1
+STATEMENT_TIMEOUT_MARGIN = 0.1
 
 
-# Deadlines are rounded up to this step before they become a statement_timeout, so that a
-# connection serving requests of one budget keeps its setting and needs no SET.
 def _timeout_ms(remaining: float) -> int:
+    """The statement_timeout for `remaining` seconds: a little later, so that the middleware
+    (which answers 504) acts first, and rounded up, so that a connection serving requests of
+    one budget keeps its setting and needs no SET."""
+    remaining += STATEMENT_TIMEOUT_MARGIN
     step = 1.0 if remaining >= 10 else 0.1
-    return max(1, math.ceil(math.ceil(remaining / step) * step * 1000))
+    return max(1, math.ceil(round(remaining / step, 6)) * round(step * 1000))
 
 
 async def apply_statement_timeout(conn: GuardedConnection, remaining: float | None) -> None:

@@ -1,0 +1,259 @@
+"""One request under CancellationMiddleware: its deadline, its receive relay, its cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections import deque
+
+import anyio
+from psycopg.errors import QueryCanceled
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import _cleanup
+from ._clock import Clock
+from ._connection import LeaseState
+from ._deadline import RequestControl
+from .errors import DEADLINE_DETAIL
+
+logger = logging.getLogger("fastapi_dbpool")
+_DISCONNECT: Message = {"type": "http.disconnect"}
+_WATCH_AFTER = 0.25  # a request still running after this is watched for a disconnect
+_stoppers: set[asyncio.Task[None]] = set()  # referenced until done (the loop holds weak refs)
+
+
+class _Relay:
+    """What the watching task has read and the app has not yet: body messages, in order."""
+
+    __slots__ = ("buffer", "buffered", "lock", "space")
+
+    def __init__(self) -> None:
+        self.buffer: deque[Message] = deque()
+        self.buffered = 0  # bytes of body in `buffer`
+        self.lock = asyncio.Lock()  # one receive() call at a time, the app's or the watcher's
+        self.space = asyncio.Event()  # the app took something: read-ahead may go on
+
+
+class Watcher(RequestControl):
+    """Runs one HTTP request; cancels it, server first, at its deadline or on a disconnect.
+
+    Every body message reaches the app, in order: until the request has run for
+    `_WATCH_AFTER` the app reads on its own (and sees a disconnect itself); after that a
+    task watches for one, relaying what it reads through a buffer the app reads first.
+    """
+
+    __slots__ = (
+        "app",
+        "cancel_scope",
+        "clock",
+        "complete",
+        "disconnected",
+        "loop",
+        "pump",
+        "read_ahead",
+        "reading",
+        "real_receive",
+        "real_send",
+        "relay",
+        "scope",
+        "slot",
+        "started",
+        "watch_at",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        read_ahead: int,
+        clock: Clock,
+        cancel_scope: anyio.CancelScope,
+        budget: float | None,
+        cap: float | None,
+    ) -> None:
+        super().__init__(budget, cap)
+        self.app = app
+        self.read_ahead = read_ahead
+        self.clock = clock
+        self.loop = clock.loop
+        self.cancel_scope = cancel_scope
+        self.started = self.complete = self.disconnected = self.reading = False
+        self.watch_at = self.start + _WATCH_AFTER
+        self.slot: int | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.relay: _Relay | None = None  # made when watching starts: most requests end before
+
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.real_receive = receive
+        self.real_send = send
+        self._arm_timer()
+        try:
+            with self.cancel_scope:
+                try:
+                    await self.app(self.scope, self._receive, self._send)
+                except (QueryCanceled, ClientDisconnect):
+                    if self.stopping is None:
+                        if time.monotonic() < self.deadline:
+                            raise  # not a consequence of a cut: the app's to handle
+                        self.stopping = "deadline"  # PostgreSQL's statement_timeout
+        finally:
+            self._stop_watching()
+        if self.stopping is not None:
+            await self._answer()
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def _deadline_changed(self) -> None:
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Be due at the deadline, or when watching for a disconnect starts if sooner."""
+        if self.slot is not None:
+            self.clock.remove(self.slot, self)
+            self.slot = None
+        if not self.active:
+            return
+        at = self.deadline
+        if self.pump is None:
+            at = min(at, self.watch_at)
+        if at != math.inf:
+            self.slot = self.clock.add(at, self)
+
+    def due(self) -> None:
+        self.slot = None
+        if not self.active:
+            return
+        now = time.monotonic()
+        if now >= self.deadline:
+            self._trigger("deadline")
+            return
+        if self.pump is None and now >= self.watch_at:
+            if self.reading:  # the app's own receive() will see a disconnect; look again later
+                self.watch_at = now + _WATCH_AFTER
+            else:
+                self.relay = _Relay()
+                self.pump = self.loop.create_task(self._watch_receive(self.relay))
+        self._arm_timer()
+
+    def _stop_watching(self) -> None:
+        self.active = False
+        if self.slot is not None:
+            self.clock.remove(self.slot, self)
+            self.slot = None
+        if self.pump is not None and self.pump is not asyncio.current_task():
+            self.pump.cancel()
+
+    def _trigger(self, reason: str) -> None:
+        if self.stopping is not None or self.complete:
+            return
+        if reason == "deadline" and self.committing:
+            return  # the handler returned and its COMMIT is under way: let the response out
+        self.stopping = reason
+        self._stop_watching()
+        logger.info(
+            "cancelling %s %s: %s",
+            self.scope.get("method"),
+            self.scope.get("path"),
+            "deadline passed" if reason == "deadline" else "client disconnected",
+        )
+        stopper = self.loop.create_task(self._cancel())
+        _stoppers.add(stopper)
+        stopper.add_done_callback(_stoppers.discard)
+
+    async def _cancel(self) -> None:
+        """Server first: stop each running statement in PostgreSQL, then cancel the handler."""
+        for lease in list(self.leases):
+            if lease.state is LeaseState.ACTIVE:
+                lease.conn._dbpool_cancelled_gen = lease.conn._dbpool_gen
+                await _cleanup.cancel_on_server(lease.conn, lease.cleanup_timeout)
+        self.cancel_scope.cancel()
+
+    # -- receive: every message reaches the app, in order; the middleware only looks ---------
+
+    def _note(self, message: Message) -> None:
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            self._trigger("disconnect")
+
+    async def _watch_receive(self, relay: _Relay) -> None:
+        try:
+            await self._relay(relay)
+        except Exception as ex:  # a server whose receive() fails has lost the client
+            logger.debug("receive() failed while watching for a disconnect: %r", ex)
+            self._note(_DISCONNECT)
+
+    async def _relay(self, relay: _Relay) -> None:
+        while not self.disconnected:
+            if relay.buffered > self.read_ahead:
+                relay.space.clear()
+                await relay.space.wait()
+                continue
+            async with relay.lock:
+                if self.disconnected:
+                    return
+                message = await self.real_receive()
+            relay.buffer.append(message)
+            relay.buffered += len(message.get("body", b""))
+            self._note(message)
+
+    async def _receive(self) -> Message:
+        relay = self.relay
+        if relay is None:  # not watching (yet): the app reads on its own
+            self.reading = True
+            try:
+                message = await self.real_receive()
+            finally:
+                self.reading = False
+            self._note(message)
+            return message
+        while True:
+            if relay.buffer:
+                message = relay.buffer.popleft()
+                relay.buffered -= len(message.get("body", b""))
+                relay.space.set()
+                return message
+            if self.disconnected:
+                return _DISCONNECT
+            async with relay.lock:
+                if relay.buffer or self.disconnected:
+                    continue
+                message = await self.real_receive()
+            self._note(message)
+            return message
+
+    # -- send -------------------------------------------------------------------------------
+
+    async def _send(self, message: Message) -> None:
+        if self.stopping is not None:
+            return  # the request is being cancelled: the middleware answers for it
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+        elif (kind == "http.response.body" and not message.get("more_body", False)) or (
+            kind == "http.response.trailers" and not message.get("more_trailers", False)
+        ):
+            self.complete = True
+            self._stop_watching()
+        await self.real_send(message)
+
+    async def _answer(self) -> None:
+        if self.complete or self.stopping == "disconnect":
+            return
+        if not self.started:
+            await send_json(self.real_send, 504, DEADLINE_DETAIL)
+        else:
+            await self.real_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def send_json(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
