@@ -1,0 +1,61 @@
+"""The apps under benchmark, as uvicorn factories (``uvicorn --factory benchmarks._apps:NAME``).
+
+Each serves the same endpoints on the database in ``DATABASE_URL``: ``/select/{id}`` (one
+indexed SELECT) and ``/nodb`` (no database: the framework's ceiling).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI
+
+from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool
+
+POOL_SIZE = 8
+
+
+def _fastapi_dbpool() -> FastAPI:
+    db = DBPool(os.environ["DATABASE_URL"], min_size=POOL_SIZE, max_size=POOL_SIZE)
+    app = FastAPI(lifespan=db.lifespan)
+
+    @app.get("/select/{item_id}")
+    async def select(item_id: int, conn: ConnectionDep) -> Any:
+        cur = await conn.execute("SELECT id, name FROM bench_items WHERE id = %s", (item_id,))
+        return await cur.fetchone()
+
+    @app.get("/nodb")
+    async def nodb() -> int:
+        return 1
+
+    return app
+
+
+def fastapi_dbpool() -> FastAPI:
+    """fastapi_dbpool, without the cancellation middleware."""
+    return _fastapi_dbpool()
+
+
+def fastapi_dbpool_middleware() -> FastAPI:
+    """fastapi_dbpool behind CancellationMiddleware (its default 30 s deadline)."""
+    app = _fastapi_dbpool()
+    app.add_middleware(CancellationMiddleware)
+    return app
+
+
+class _PassThrough:
+    """A pure ASGI middleware that does nothing: the cost of a middleware layer as such."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def fastapi_dbpool_passthrough() -> FastAPI:
+    """fastapi_dbpool behind a middleware that does nothing."""
+    app = _fastapi_dbpool()
+    app.add_middleware(_PassThrough)
+    return app

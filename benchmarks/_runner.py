@@ -1,0 +1,170 @@
+"""Start contenders under uvicorn, load them in turn, print a table of medians and ratios."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+import psycopg
+
+
+def prepare(url: str) -> None:
+    """The table every contender reads: 10,000 rows, indexed by id."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_items")
+        conn.execute("CREATE TABLE bench_items (id int PRIMARY KEY, name text NOT NULL)")
+        conn.execute(
+            "INSERT INTO bench_items SELECT n, 'item ' || n FROM generate_series(1, 10000) n"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(factory: str, url: str) -> Iterator[int]:
+    """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env={**os.environ, "DATABASE_URL": url},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/nodb", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{factory} did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def load(port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
+    """One load run from a separate process: wrk if installed, else `benchmarks._load`."""
+    if shutil.which("wrk"):
+        return _wrk(port, path, connections, seconds)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks._load", str(port), path,
+         "--connections", str(connections), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    result: dict[str, float] = json.loads(out)
+    return result
+
+
+def _wrk(port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+         f"http://127.0.0.1:{port}{path}"],
+        check=True, capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+
+    def field(pattern: str) -> str:
+        match = re.search(pattern, out, re.MULTILINE)
+        return match.group(1) if match else "0"
+
+    errors = int(field(r"Non-2xx or 3xx responses: (\d+)"))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return {
+        "requests": float(field(r"(\d+) requests in")),
+        "errors": float(errors),
+        "rps": float(field(r"Requests/sec:\s+([\d.]+)")),
+        "p50_ms": _ms(field(r"^\s+50%\s+(\S+)")),
+        "p99_ms": _ms(field(r"^\s+99%\s+(\S+)")),
+    }
+
+
+def _ms(text: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
+def compare(
+    url: str,
+    contenders: Sequence[tuple[str, str]],
+    paths: Sequence[str],
+    *,
+    rounds: int,
+    seconds: float,
+    connections: int,
+) -> str:
+    """Every contender on every path, interleaved for `rounds`; a table of medians.
+
+    The first contender is the baseline of the ratio column. Rounds alternate the order,
+    so that a slow moment of a shared machine does not fall on one contender only.
+    """
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        ports = {name: stack.enter_context(served(factory, url)) for name, factory in contenders}
+        for port in ports.values():  # warm up: connections opened, code paths hot
+            for path in paths:
+                load(port, path, connections, 1.0)
+        for round_no in range(rounds):
+            order = list(contenders) if round_no % 2 == 0 else list(reversed(contenders))
+            for path in paths:
+                for name, _ in order:
+                    run = load(ports[name], path, connections, seconds)
+                    results.setdefault((path, name), []).append(run)
+    return _table(results, contenders, paths, rounds, seconds, connections)
+
+
+def _table(
+    results: dict[tuple[str, str], list[dict[str, float]]],
+    contenders: Sequence[tuple[str, str]],
+    paths: Sequence[str],
+    rounds: int,
+    seconds: float,
+    connections: int,
+) -> str:
+    lines = [
+        f"uvicorn 1 worker, {'wrk' if shutil.which('wrk') else 'benchmarks._load'} with "
+        f"{connections} connections, {rounds} rounds x {seconds:g} s, medians; ratio = "
+        f"median over rounds of req/s / {contenders[0][0]}'s req/s in the same round",
+        "",
+        "| endpoint | contender | req/s | p50 ms | p99 ms | errors | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        base_runs = results[path, contenders[0][0]]
+        for name, _ in contenders:
+            runs = results[path, name]
+            rps = statistics.median(r["rps"] for r in runs)
+            # the median of per-round ratios: each round's pair ran back to back
+            ratio = statistics.median(
+                r["rps"] / b["rps"] for r, b in zip(runs, base_runs, strict=True)
+            )
+            p50 = statistics.median(r["p50_ms"] for r in runs)
+            p99 = statistics.median(r["p99_ms"] for r in runs)
+            errors = int(sum(r["errors"] for r in runs))
+            lines.append(
+                f"| {path} | {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {errors} | "
+                f"{ratio:.2f}x |"
+            )
+    return "\n".join(lines)
