@@ -495,3 +495,28 @@ async def test_a_stream_transaction_cannot_be_combined_with_the_request_connecti
             await call(app, Client(body(b"")), "/both")
         stats = db.pool.get_stats
         await until(lambda: stats()["pool_available"] == stats()["pool_size"] > 0)
+
+
+async def test_a_route_deadline_replaces_the_default_in_both_directions() -> None:
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware, timeout=0.1)
+
+    @app.get("/long", dependencies=[deadline(5)])
+    async def long() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    @app.get("/unbounded", dependencies=[deadline(None)])
+    async def unbounded() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    @app.get("/short", dependencies=[deadline(0.05)])
+    async def short() -> str:
+        await asyncio.sleep(0.08)  # within the default, past the route's own budget
+        return "done"
+
+    for path, status in (("/long", 200), ("/unbounded", 200), ("/short", 504)):
+        client = Client(body(b""))
+        await call(app, client, path)
+        assert client.status == status, path
