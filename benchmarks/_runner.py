@@ -132,28 +132,29 @@ def compare(
                 for name, _ in order:
                     run = load(ports[name], path, connections, seconds)
                     results.setdefault((path, name), []).append(run)
-    return _table(results, contenders, paths, rounds, seconds, connections)
+    header = (
+        f"uvicorn 1 worker, {'wrk' if shutil.which('wrk') else 'benchmarks._load'} with "
+        f"{connections} connections, {rounds} rounds x {seconds:g} s, medians; ratio = "
+        f"median over rounds of req/s / {contenders[0][0]}'s req/s in the same round"
+    )
+    return _table(header, results, [name for name, _ in contenders], paths)
 
 
 def _table(
+    header: str,
     results: dict[tuple[str, str], list[dict[str, float]]],
-    contenders: Sequence[tuple[str, str]],
+    names: Sequence[str],
     paths: Sequence[str],
-    rounds: int,
-    seconds: float,
-    connections: int,
 ) -> str:
     lines = [
-        f"uvicorn 1 worker, {'wrk' if shutil.which('wrk') else 'benchmarks._load'} with "
-        f"{connections} connections, {rounds} rounds x {seconds:g} s, medians; ratio = "
-        f"median over rounds of req/s / {contenders[0][0]}'s req/s in the same round",
+        header,
         "",
         "| endpoint | contender | req/s | p50 ms | p99 ms | errors | ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
-        base_runs = results[path, contenders[0][0]]
-        for name, _ in contenders:
+        base_runs = results[path, names[0]]
+        for name in names:
             runs = results[path, name]
             rps = statistics.median(r["rps"] for r in runs)
             # the median of per-round ratios: each round's pair ran back to back
