@@ -21,6 +21,7 @@ from . import _cleanup, _dsn, _env
 from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
+from ._watchdog import LoopWatchdog
 from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -55,6 +56,8 @@ class DBPool:
     - ``close_timeout`` (5 s): bound on closing the pool at shutdown.
     - ``release_timeout`` (5 s): bound on each cleanup step (server-side cancel, rollback,
       return); a connection that cannot be cleaned up in time is closed and replaced.
+    - ``watchdog`` (0.1 s; None for none): a thread warns, naming the code, whenever the
+      event loop is blocked longer than this (``time.sleep``, blocking I/O, heavy CPU).
     - ``allow_concurrent_tasks`` (False): let tasks spawned by a request use its
       connection while the request holds it (psycopg runs their statements one at a time).
 
@@ -73,6 +76,7 @@ class DBPool:
         release_timeout: float = CLEANUP_TIMEOUT,
         retry_after: int = 1,
         allow_concurrent_tasks: bool = False,
+        watchdog: float | None = 0.1,
         **pool_kwargs: Any,
     ) -> None:
         if not isinstance(conninfo, str):
@@ -94,6 +98,7 @@ class DBPool:
             release_timeout=_positive("release_timeout", release_timeout),
             retry_after=max(1, math.ceil(retry_after)),
             allow_concurrent_tasks=bool(allow_concurrent_tasks),
+            watchdog=None if watchdog is None else _positive("watchdog", watchdog),
         )
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
         self._pool_kwargs = self._with_our_defaults(pool_kwargs, params)
@@ -182,12 +187,20 @@ class DBPool:
         runtime = await self._open()
         self._runtime = runtime
         attach(app, runtime)
+        if self._settings.watchdog is not None:
+            runtime.watchdog = LoopWatchdog(runtime.loop, self._settings.watchdog, self.name)
+            runtime.watchdog.start()
         try:
             yield {STATE_KEY: runtime}
         finally:
-            attach(app, None)
-            self._runtime = None
-            await self._close(runtime)
+            runtime.closing = True  # from now on: no checkouts, readiness says "shutting down"
+            try:
+                await self._close(runtime)
+            finally:
+                attach(app, None)
+                self._runtime = None
+                if runtime.watchdog is not None:
+                    runtime.watchdog.stop()
 
     async def _open(self) -> PoolRuntime:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(

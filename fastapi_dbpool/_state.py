@@ -18,6 +18,7 @@ from starlette.requests import HTTPConnection
 from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
 from ._deadline import apply_statement_timeout, current_control
+from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
     DeadlineExceededError,
@@ -41,6 +42,7 @@ class Settings:
     release_timeout: float
     retry_after: int
     allow_concurrent_tasks: bool
+    watchdog: float | None = None
 
 
 class PoolRuntime:
@@ -55,6 +57,7 @@ class PoolRuntime:
         self.closing = False
         self._background: set[asyncio.Task[bool]] = set()
         self._last_exhaustion_log = 0.0
+        self.watchdog: LoopWatchdog | None = None
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoopError` unless called on the loop that opened the pool."""
