@@ -18,6 +18,7 @@ from ._dependencies import (
     get_stream_transaction,
     get_transaction,
 )
+from ._health import health_router
 from ._lifespan import DBPool
 from ._middleware import CancellationMiddleware
 from .errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "get_connection",
     "get_stream_transaction",
     "get_transaction",
+    "health_router",
 ]
 
 
