@@ -27,6 +27,10 @@ RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
 _ACTIVE = TransactionStatus.ACTIVE
 _RECANCEL_FIRST, _RECANCEL_MAX = 0.05, 0.5
+_HINT_BROKEN = (
+    "hint: the connection was broken (server restart, network, pg_terminate_backend); the "
+    "pool replaces it; look further only if this repeats"
+)
 _HINT_SLOW = "hint: the server did not answer in time; check for lock waits or an overloaded server"
 
 
@@ -120,7 +124,12 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
         try:
             await tx.__aexit__(type(exc), exc, exc.__traceback__)
         except Exception as ex:
-            logger.warning("rollback failed (%s: %s); closing the connection", type(ex), ex)
+            logger.warning(
+                "rollback failed (%s: %s); closing the connection. %s",
+                type(ex).__name__,
+                ex,
+                _HINT_BROKEN,
+            )
             close_now(tx.connection)
     if scope.cancelled_caught:
         logger.warning("rollback took over %.1fs; closing the connection. %s", timeout, _HINT_SLOW)
@@ -165,7 +174,10 @@ async def give_back(
                 healthy = _usable(conn)
         except Exception as ex:
             logger.warning(
-                "could not reset a returned connection (%s: %s); closing it", type(ex).__name__, ex
+                "could not reset a returned connection (%s: %s); closing it. %s",
+                type(ex).__name__,
+                ex,
+                _HINT_BROKEN,
             )
     if scope.cancelled_caught:
         logger.warning(
@@ -177,10 +189,17 @@ async def give_back(
         try:
             await pool.putconn(conn)
         except Exception as ex:
-            logger.warning("could not return a connection to the pool: %s: %s", type(ex), ex)
+            logger.warning(
+                "could not return a connection to the pool (%s: %s); closing it. %s",
+                type(ex).__name__,
+                ex,
+                _HINT_BROKEN,
+            )
             close_now(conn)
     if scope.cancelled_caught:
-        logger.warning("returning a connection to the pool took over %.1fs", timeout)
+        logger.warning(
+            "returning a connection to the pool took over %.1fs. %s", timeout, _HINT_SLOW
+        )
     return healthy
 
 
@@ -201,7 +220,10 @@ async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
                     await conn.cancel_safe(timeout=timeout)
             except Exception as ex:
                 logger.warning(
-                    "could not cancel a query on the server: %s: %s", type(ex).__name__, ex
+                    "could not cancel a query on the server (%s: %s). %s",
+                    type(ex).__name__,
+                    ex,
+                    _HINT_SLOW,
                 )
     finally:
         done.set()
@@ -218,4 +240,9 @@ async def close_pool(pool: AsyncConnectionPool[Any], timeout: float) -> None:
     with anyio.move_on_after(timeout + 1.0, shield=True) as scope:
         await pool.close(timeout=timeout)
     if scope.cancelled_caught:
-        logger.warning("closing pool %r took over %.1fs", pool.name, timeout + 1.0)
+        logger.warning(
+            "closing pool %r took over %.1fs. hint: raise close_timeout, or stop long "
+            "queries and jobs before shutdown",
+            pool.name,
+            timeout + 1.0,
+        )

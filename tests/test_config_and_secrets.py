@@ -129,3 +129,23 @@ def test_public_api() -> None:
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), DBPoolError)
         assert getattr(errors, name).__doc__
+
+
+def test_every_warning_carries_a_hint() -> None:
+    """Warnings are for what an operator can act on: each says how (house rule 12)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(fastapi_dbpool.__file__).parent
+    calls = 0
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "warning"
+            ):
+                calls += 1
+                text = ast.unparse(node)
+                assert "hint:" in text or "_HINT" in text, f"{path.name}: {text}"
+    assert calls >= 10
