@@ -20,6 +20,7 @@ from ._dependencies import (
 )
 from ._health import health_router
 from ._lifespan import DBPool
+from ._metrics import PoolStats
 from ._middleware import CancellationMiddleware
 from .errors import (
     ConfigurationError,
@@ -47,6 +48,7 @@ __all__ = [
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
+    "PoolStats",
     "StreamTransactionDep",
     "TransactionDep",
     "WrongEventLoopError",

@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import _cleanup, _dsn, _env
 from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
+from ._metrics import PoolStats, snapshot
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
 from ._watchdog import LoopWatchdog
@@ -156,6 +157,23 @@ class DBPool:
     def __repr__(self) -> str:
         state = "running" if self._runtime else "stopped"
         return f"<DBPool {self.name!r} {_dsn.describe(self._conninfo)} {state}>"
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the running pool: psycopg_pool's figures and ours (see `PoolStats`).
+
+        Raises `PoolNotRunningError` when the lifespan is not running.
+        """
+        self._running()
+        stats = self._snapshot()
+        assert stats is not None
+        return stats
+
+    def _snapshot(self) -> PoolStats | None:
+        """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
+        runtime = self._runtime
+        if runtime is None:
+            return None
+        return snapshot(self.name, runtime.pool.get_stats(), runtime.counters, runtime.watchdog)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:

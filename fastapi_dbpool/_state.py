@@ -18,6 +18,7 @@ from starlette.requests import HTTPConnection
 from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
 from ._deadline import apply_statement_timeout, current_control
+from ._metrics import Counters
 from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
@@ -58,6 +59,7 @@ class PoolRuntime:
         self._background: set[asyncio.Task[bool]] = set()
         self._last_exhaustion_log = 0.0
         self.watchdog: LoopWatchdog | None = None
+        self.counters = Counters()
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoopError` unless called on the loop that opened the pool."""
@@ -87,6 +89,7 @@ class PoolRuntime:
         """
         if self.closing:
             raise PoolNotRunningError("the app is shutting down")
+        started = time.monotonic()
         control = current_control.get()
         if control is not None and not control.active:
             control = None
@@ -95,6 +98,7 @@ class PoolRuntime:
         by_deadline = remaining is not None and remaining < limit
         if remaining is not None and by_deadline:
             if remaining <= 0:
+                self.counters.deadline_exceeded += 1
                 raise DeadlineExceededError()
             limit = remaining
         deadline = time.monotonic() + limit
@@ -112,12 +116,15 @@ class PoolRuntime:
                 conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
             except PoolTimeout as ex:
                 if by_deadline:
+                    self.counters.deadline_exceeded += 1
                     raise DeadlineExceededError() from ex
+                self.counters.exhausted += 1
                 self._log_exhaustion(ex)
                 raise PoolExhaustedError(
                     self.pool.name, limit, self.settings.retry_after, str(ex)
                 ) from ex
             except TooManyRequests as ex:
+                self.counters.exhausted += 1
                 self._log_exhaustion(ex)
                 raise PoolExhaustedError(
                     self.pool.name, limit, self.settings.retry_after, str(ex)
@@ -142,6 +149,7 @@ class PoolRuntime:
                     await apply_statement_timeout(conn, None if left is None else max(left, 0))
                     if for_request:
                         request_lease.set(lease)
+                    self.counters.waited(time.monotonic() - started)
                     return lease
             except BaseException:
                 await self.release(lease)
@@ -157,7 +165,8 @@ class PoolRuntime:
         lease.state = LeaseState.RELEASING
         conn = lease.conn
         try:
-            await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
+            if not await _cleanup.give_back(self.pool, conn, self.settings.release_timeout):
+                self.counters.discarded_on_release += 1
         except asyncio.CancelledError:
             # A plain task.cancel() goes through anyio's shield, which holds off only anyio's
             # own cancellation. putconn() does not await (DBPool always sets a reset), so
@@ -179,6 +188,11 @@ class PoolRuntime:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._count_late_give_back)
+
+    def _count_late_give_back(self, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and not task.result():
+            self.counters.discarded_on_release += 1
 
     def _log_exhaustion(self, ex: Exception) -> None:
         now = time.monotonic()
@@ -228,14 +242,19 @@ def attach(app: Any, runtime: PoolRuntime | None) -> None:
     setattr(app.state, STATE_KEY, runtime)
 
 
-def runtime_of(connection: HTTPConnection) -> PoolRuntime:
-    """The pool running for this request's app, checked against the current loop."""
-    state = connection.scope.get("state")
+def find_runtime(scope: Mapping[str, Any]) -> PoolRuntime | None:
+    """The pool running for the app of this ASGI scope, if any (no checks)."""
+    state = scope.get("state")
     runtime = state.get(STATE_KEY) if isinstance(state, Mapping) else None
     if runtime is None:
-        app = connection.scope.get("app")
-        runtime = getattr(getattr(app, "state", None), STATE_KEY, None)
-    if not isinstance(runtime, PoolRuntime) or runtime.pool.closed:
+        runtime = getattr(getattr(scope.get("app"), "state", None), STATE_KEY, None)
+    return runtime if isinstance(runtime, PoolRuntime) else None
+
+
+def runtime_of(connection: HTTPConnection) -> PoolRuntime:
+    """The pool running for this request's app, checked against the current loop."""
+    runtime = find_runtime(connection.scope)
+    if runtime is None or runtime.pool.closed:
         raise PoolNotRunningError()
     runtime.check_loop()
     return runtime

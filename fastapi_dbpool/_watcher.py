@@ -18,6 +18,7 @@ from . import _cleanup
 from ._clock import Clock
 from ._connection import LeaseState
 from ._deadline import RequestControl
+from ._state import find_runtime
 from .errors import DEADLINE_DETAIL
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -154,6 +155,9 @@ class Watcher(RequestControl):
             return  # the handler returned and its COMMIT is under way: let the response out
         self.stopping = reason
         self._stop_watching()
+        runtime = find_runtime(self.scope)
+        if runtime is not None:
+            runtime.counters.cancelled_requests += 1
         logger.info(
             "cancelling %s %s: %s",
             self.scope.get("method"),
