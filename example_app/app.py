@@ -1,13 +1,30 @@
-"""A small service built the way the README shows: items, created in transactions."""
+"""A small service built the way the README shows.
 
+Items, created in transactions; a move between two items that commits as a whole or not at
+all; a paginated list; a streamed export; a deliberately slow report that shows deadlines
+and client disconnects; health, readiness and Prometheus metrics.
+"""
+
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel
 
-from fastapi_dbpool import ConnectionDep, DBPool, TransactionDep
+from fastapi_dbpool import (
+    CancellationMiddleware,
+    ConnectionDep,
+    DBPool,
+    StreamTransactionDep,
+    TransactionDep,
+    deadline,
+    health_router,
+)
+from fastapi_dbpool.prometheus import DBPoolCollector
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -38,6 +55,13 @@ def create_app(db: DBPool) -> FastAPI:
             yield state
 
     app = FastAPI(title="fastapi_dbpool example", lifespan=lifespan)
+    # every request: 10 s at most (a gateway may ask for less), its queries cancelled in
+    # PostgreSQL when it runs out or when the client hangs up
+    app.add_middleware(CancellationMiddleware, timeout=10, timeout_header="X-Request-Timeout")
+    app.include_router(health_router())
+    registry = CollectorRegistry()
+    registry.register(DBPoolCollector(db))
+    app.mount("/metrics", make_asgi_app(registry))
 
     @app.get("/items")
     async def list_items(conn: ConnectionDep, limit: int = 50, after: int = 0) -> list[Item]:
@@ -84,4 +108,38 @@ def create_app(db: DBPool) -> FastAPI:
         )
         return [Item(id=i, name=n, quantity=q) for i, n, q in await cur.fetchall()]
 
+    @app.get("/export")
+    async def export(tx: StreamTransactionDep) -> StreamingResponse:
+        """Every item as NDJSON, from one snapshot, ending with a `{"end": n}` line so that a
+        client can tell a whole export from a cut one."""
+
+        async def lines() -> AsyncIterator[bytes]:
+            n = 0
+            async with tx.cursor(name="export") as cur:  # server-side: rows come in batches
+                await cur.execute("SELECT id, name, quantity FROM items ORDER BY id")
+                async for item_id, name, quantity in cur:
+                    n += 1
+                    row = {"id": item_id, "name": name, "quantity": quantity}
+                    yield json.dumps(row).encode() + b"\n"
+            yield json.dumps({"end": n}).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/report", dependencies=[deadline(30)])
+    async def report(conn: ConnectionDep, seconds: float = 5.0) -> dict[str, Any]:
+        """A slow query (`seconds` of it). Past the deadline (30 s here, or less with
+        `X-Request-Timeout`) or when the client hangs up, it is cancelled in PostgreSQL."""
+        cur = await conn.execute(
+            "SELECT count(*), coalesce(sum(quantity), 0) FROM items, pg_sleep(%s)", (seconds,)
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return {"items": row[0], "quantity": row[1]}
+
     return app
+
+
+def from_env() -> FastAPI:
+    """The app on ``DATABASE_URL`` and ``DBPOOL_*`` (for ``uvicorn --factory``, as in the
+    Dockerfile)."""
+    return create_app(DBPool.from_env(min_size=1))

@@ -1,5 +1,6 @@
 """The example app, in process and as `python -m example_app` under uvicorn."""
 
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,24 @@ def test_items_and_an_all_or_nothing_move(database_url: str, app_name: str) -> N
         assert quantities == [2, 3]
         page = client.get(f"/items?after={a['id']}&limit=1").json()
         assert page == [{"id": b["id"], "name": "b", "quantity": 3}]
+
+
+def test_export_report_health_and_metrics(database_url: str, app_name: str) -> None:
+    app = create_app(make_db(database_url, app_name))
+    with TestClient(app) as client:
+        for n in range(3):
+            client.post("/items", json={"name": f"export {n}", "quantity": n})
+        lines = [json.loads(line) for line in client.get("/export").text.splitlines()]
+        assert lines[-1] == {"end": len(lines) - 1}
+        assert {"name": "export 2", "quantity": 2}.items() <= lines[-2].items()
+        cut = client.get("/report?seconds=5", headers={"X-Request-Timeout": "0.3"})
+        assert cut.status_code == 504
+        report = client.get("/report?seconds=0").json()
+        assert report["items"] == len(lines) - 1
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").json()["status"] == "ready"
+        metrics = client.get("/metrics/").text
+        assert "fastapi_dbpool_cancelled_requests_total" in metrics
 
 
 def free_port() -> int:
