@@ -1,7 +1,8 @@
 """The apps under benchmark, as uvicorn factories (``uvicorn --factory benchmarks._apps:NAME``).
 
-Each serves the same endpoints on the database in ``DATABASE_URL``: ``/select/{id}`` (one
-indexed SELECT) and ``/nodb`` (no database: the framework's ceiling).
+Each serves the same endpoints on the database in ``DATABASE_URL``, with a pool of
+`POOL_SIZE`: ``/select/{id}`` (one indexed SELECT), ``/tx/{id}`` (a transaction of an
+INSERT and a SELECT) and ``/nodb`` (no database: the framework's ceiling).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool
+from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool, TransactionDep
 
 POOL_SIZE = 8
 
@@ -25,11 +26,20 @@ def _fastapi_dbpool() -> FastAPI:
         cur = await conn.execute("SELECT id, name FROM bench_items WHERE id = %s", (item_id,))
         return await cur.fetchone()
 
+    @app.get("/tx/{item_id}")
+    async def tx(item_id: int, tx: TransactionDep) -> Any:
+        await tx.execute("INSERT INTO bench_log (item_id) VALUES (%s)", (item_id,))
+        cur = await tx.execute("SELECT id, name FROM bench_items WHERE id = %s", (item_id,))
+        return await cur.fetchone()
+
+    _nodb(app)
+    return app
+
+
+def _nodb(app: FastAPI) -> None:
     @app.get("/nodb")
     async def nodb() -> int:
         return 1
-
-    return app
 
 
 def fastapi_dbpool() -> FastAPI:

@@ -20,13 +20,15 @@ import psycopg
 
 
 def prepare(url: str) -> None:
-    """The table every contender reads: 10,000 rows, indexed by id."""
+    """The tables of every contender: 10,000 items indexed by id, and a log to insert into."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_items")
         conn.execute("CREATE TABLE bench_items (id int PRIMARY KEY, name text NOT NULL)")
         conn.execute(
             "INSERT INTO bench_items SELECT n, 'item ' || n FROM generate_series(1, 10000) n"
         )
+        conn.execute("DROP TABLE IF EXISTS bench_log")
+        conn.execute("CREATE TABLE bench_log (id bigserial PRIMARY KEY, item_id int NOT NULL)")
 
 
 def _free_port() -> int:

@@ -1,0 +1,48 @@
+"""fastapi_dbpool against the usual ways of wiring PostgreSQL into FastAPI, in one run.
+
+    python -m benchmarks.contenders [--rounds 3] [--seconds 3] [--connections 32]
+
+Needs the ``bench`` extra (SQLAlchemy, asyncpg). Uses ``DATABASE_URL``, or starts an
+embedded PostgreSQL. Every contender runs under uvicorn on 127.0.0.1 with a pool of 8 and
+is loaded in turn (wrk if installed); ratios are to the psycopg_pool baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fastapi_dbpool.testing import database_url
+
+from ._runner import compare, prepare
+
+CONTENDERS = [
+    ("psycopg_pool, as its docs show", "benchmarks._peers:psycopg_pool_baseline"),
+    ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
+    ("fastapi_dbpool + CancellationMiddleware", "benchmarks._apps:fastapi_dbpool_middleware"),
+    ("SQLAlchemy 2 async + asyncpg", "benchmarks._peers:sqlalchemy_asyncpg"),
+    ("raw asyncpg pool", "benchmarks._peers:raw_asyncpg"),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    with database_url() as url:
+        prepare(url)
+        print(
+            compare(
+                url,
+                CONTENDERS,
+                ["/select/42", "/tx/42", "/nodb"],
+                rounds=args.rounds,
+                seconds=args.seconds,
+                connections=args.connections,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
