@@ -1,6 +1,7 @@
-"""The same endpoints as `benchmarks._apps`, built the way each peer's documentation shows."""
+"""The same endpoints as `benchmarks._apps`, built the way each peer's documentation shows.
 
-from __future__ import annotations
+(No `from __future__ import annotations`: FastAPI must see the local `Annotated` aliases.)
+"""
 
 import os
 from collections.abc import AsyncIterator

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 
@@ -64,6 +65,17 @@ def served(factory: str, url: str) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _check(name: str, port: int, path: str) -> None:
+    """A contender that fails would be measured at the speed of its error page."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            status = response.status
+    except urllib.error.HTTPError as ex:
+        status = ex.code
+    if status != 200:
+        raise RuntimeError(f"{name} answers {status} on {path}; fix it before measuring it")
 
 
 def load(port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
@@ -125,8 +137,9 @@ def compare(
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
         ports = {name: stack.enter_context(served(factory, url)) for name, factory in contenders}
-        for port in ports.values():  # warm up: connections opened, code paths hot
+        for name, port in ports.items():  # each answers 200, then warm up
             for path in paths:
+                _check(name, port, path)
                 load(port, path, connections, 1.0)
         for round_no in range(rounds):
             order = list(contenders) if round_no % 2 == 0 else list(reversed(contenders))
