@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -184,3 +185,26 @@ def _table(
                 f"{ratio:.2f}x |"
             )
     return "\n".join(lines)
+
+
+def cli(doc: str, contenders: Sequence[tuple[str, str]], paths: Sequence[str], rounds: int) -> None:
+    """The command line of a benchmark script: parse, start PostgreSQL, compare, print."""
+    from fastapi_dbpool.testing import database_url
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    with database_url() as url:
+        prepare(url)
+        print(
+            compare(
+                url,
+                contenders,
+                paths,
+                rounds=args.rounds,
+                seconds=args.seconds,
+                connections=args.connections,
+            )
+        )

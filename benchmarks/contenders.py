@@ -9,11 +9,7 @@ is loaded in turn (wrk if installed); ratios are to the psycopg_pool baseline.
 
 from __future__ import annotations
 
-import argparse
-
-from fastapi_dbpool.testing import database_url
-
-from ._runner import compare, prepare
+from ._runner import cli
 
 CONTENDERS = [
     ("psycopg_pool, as its docs show", "benchmarks._peers:psycopg_pool_baseline"),
@@ -24,25 +20,5 @@ CONTENDERS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--connections", type=int, default=32)
-    args = parser.parse_args(argv)
-    with database_url() as url:
-        prepare(url)
-        print(
-            compare(
-                url,
-                CONTENDERS,
-                ["/select/42", "/tx/42", "/nodb"],
-                rounds=args.rounds,
-                seconds=args.seconds,
-                connections=args.connections,
-            )
-        )
-
-
 if __name__ == "__main__":
-    main()
+    cli(__doc__, CONTENDERS, ["/select/42", "/tx/42", "/nodb"], rounds=3)

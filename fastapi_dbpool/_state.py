@@ -114,16 +114,10 @@ class PoolRuntime:
         while True:
             try:
                 conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
-            except PoolTimeout as ex:
-                if by_deadline:
+            except (PoolTimeout, TooManyRequests) as ex:
+                if by_deadline and isinstance(ex, PoolTimeout):
                     self.counters.deadline_exceeded += 1
                     raise DeadlineExceededError() from ex
-                self.counters.exhausted += 1
-                self._log_exhaustion(ex)
-                raise PoolExhaustedError(
-                    self.pool.name, limit, self.settings.retry_after, str(ex)
-                ) from ex
-            except TooManyRequests as ex:
                 self.counters.exhausted += 1
                 self._log_exhaustion(ex)
                 raise PoolExhaustedError(
