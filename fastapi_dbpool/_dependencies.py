@@ -22,12 +22,8 @@ from ._transaction import transaction
 
 
 async def _checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
-    runtime = runtime_of(connection)
-    lease = await runtime.acquire(for_request=True)
-    try:
+    async with runtime_of(connection).lease(for_request=True) as lease:
         yield lease
-    finally:
-        await runtime.release(lease)
 
 
 _Checkout = Annotated[Lease, Depends(_checkout, scope="function")]
@@ -57,12 +53,8 @@ async def get_transaction(lease: _Checkout) -> AsyncIterator[AsyncConnection[Any
 
 
 async def _stream_checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
-    runtime = runtime_of(connection)
-    lease = await runtime.acquire(for_request=True, shared=True)
-    try:
+    async with runtime_of(connection).lease(for_request=True, shared=True) as lease:
         yield lease
-    finally:
-        await runtime.release(lease)
 
 
 async def get_stream_transaction(

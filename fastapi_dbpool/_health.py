@@ -62,15 +62,13 @@ async def _unready_reason(runtime: PoolRuntime | None, timeout: float) -> str | 
     if runtime.closing:
         return "shutting down"
     try:
-        lease = await runtime.acquire(timeout, for_request=False)
+        async with runtime.lease(timeout, for_request=False) as lease:
+            try:
+                await lease.conn.execute("SELECT 1")
+            except psycopg.Error as ex:
+                return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
     except DBPoolError:
         return f"no connection within {timeout:g}s"
-    try:
-        await lease.conn.execute("SELECT 1")
-    except psycopg.Error as ex:
-        return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
-    finally:
-        await runtime.release(lease)
     return None
 
 

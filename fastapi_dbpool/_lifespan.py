@@ -277,12 +277,8 @@ class DBPool:
         the calling task, and given back (rolled back if needed) when the block exits,
         whatever the exit, shielded from cancellation and bounded.
         """
-        runtime = self._running()
-        lease = await runtime.acquire(timeout, for_request=False)
-        try:
+        async with self._running().lease(timeout, for_request=False) as lease:
             yield lease.conn
-        finally:
-            await runtime.release(lease)
 
     @asynccontextmanager
     async def transaction(

@@ -7,7 +7,8 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,17 @@ class PoolRuntime:
                 raise
             logger.info("discarding a dead connection of pool %r", self.pool.name)
             _cleanup.close_now(conn)
+            await self.release(lease)
+
+    @asynccontextmanager
+    async def lease(
+        self, timeout: float | None = None, *, for_request: bool, shared: bool = False
+    ) -> AsyncIterator[Lease]:
+        """`acquire`, then `release` however the block exits."""
+        lease = await self.acquire(timeout, for_request=for_request, shared=shared)
+        try:
+            yield lease
+        finally:
             await self.release(lease)
 
     async def release(self, lease: Lease) -> None:
