@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends
 from fastapi.params import Depends as DependsParam
 
+from ._env import positive_seconds
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -72,12 +73,8 @@ def deadline(seconds: float | None) -> DependsParam:
     `ConfigurationError` at request time if `CancellationMiddleware` is not installed,
     since the budget would otherwise be silently ignored.
     """
-    if seconds is not None and not (
-        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
-    ):
-        raise ConfigurationError(
-            f"deadline() takes a positive number of seconds or None, got {seconds!r}."
-        )
+    if seconds is not None:
+        seconds = positive_seconds("deadline()", seconds, none_allowed=True)
 
     def route_deadline() -> None:
         control = current_control.get()

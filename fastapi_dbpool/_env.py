@@ -1,8 +1,9 @@
-"""Settings from the environment: ``DATABASE_URL`` and ``DBPOOL_*``."""
+"""Settings: read from the environment (``DATABASE_URL``, ``DBPOOL_*``) and checked."""
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,18 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
     "DBPOOL_NAME": ("name", str),
 }
+
+
+def positive_seconds(name: str, value: object, *, none_allowed: bool = False) -> float:
+    """`value` as a float, or `ConfigurationError` naming `name` if it is not seconds > 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        alternative = " or None" if none_allowed else ""
+        raise ConfigurationError(
+            f"{name} must be a positive number of seconds{alternative}, got {value!r}."
+        )
+    return float(value)
+
+
 _EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
 
 

@@ -34,12 +34,6 @@ _OURS = {
 }
 
 
-def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
-    return float(value)
-
-
 class DBPool:
     """A psycopg_pool `AsyncConnectionPool` for one FastAPI app, run by the app's lifespan.
 
@@ -93,13 +87,15 @@ class DBPool:
                 raise ConfigurationError(f"DBPool does not take {key}=: {why}.")
         self._conninfo = conninfo
         self._settings = Settings(
-            acquire_timeout=_positive("acquire_timeout", acquire_timeout),
-            open_timeout=_positive("open_timeout", open_timeout),
-            close_timeout=_positive("close_timeout", close_timeout),
-            release_timeout=_positive("release_timeout", release_timeout),
+            acquire_timeout=_env.positive_seconds("acquire_timeout", acquire_timeout),
+            open_timeout=_env.positive_seconds("open_timeout", open_timeout),
+            close_timeout=_env.positive_seconds("close_timeout", close_timeout),
+            release_timeout=_env.positive_seconds("release_timeout", release_timeout),
             retry_after=max(1, math.ceil(retry_after)),
             allow_concurrent_tasks=bool(allow_concurrent_tasks),
-            watchdog=None if watchdog is None else _positive("watchdog", watchdog),
+            watchdog=None
+            if watchdog is None
+            else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
         )
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
         self._pool_kwargs = self._with_our_defaults(pool_kwargs, params)

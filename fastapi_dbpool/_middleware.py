@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._clock import Clock
 from ._deadline import current_control
+from ._env import positive_seconds
 from ._watcher import Watcher, send_json
 from .errors import ConfigurationError
 
@@ -53,17 +54,12 @@ class CancellationMiddleware:
         timeout_header: str | None = None,
         read_ahead: int = 1 << 20,
     ) -> None:
-        if timeout is not None and not (
-            isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0
-        ):
-            raise ConfigurationError(
-                f"CancellationMiddleware timeout must be a positive number of seconds or "
-                f"None, got {timeout!r}."
-            )
+        if timeout is not None:
+            timeout = positive_seconds("CancellationMiddleware timeout", timeout, none_allowed=True)
         if not isinstance(read_ahead, int) or read_ahead < 0:
             raise ConfigurationError(f"read_ahead must be a number of bytes, got {read_ahead!r}.")
         self.app = app
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = timeout
         self.header_name = timeout_header
         self.header = timeout_header.lower().encode("latin-1") if timeout_header else None
         self.read_ahead = read_ahead
