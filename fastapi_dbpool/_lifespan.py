@@ -159,16 +159,10 @@ class DBPool:
 
         Raises `PoolNotRunningError` when the lifespan is not running.
         """
-        self._running()
-        stats = self._snapshot()
-        assert stats is not None
-        return stats
+        return self._snapshot(self._running())
 
-    def _snapshot(self) -> PoolStats | None:
+    def _snapshot(self, runtime: PoolRuntime) -> PoolStats:
         """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
-        runtime = self._runtime
-        if runtime is None:
-            return None
         return snapshot(self.name, runtime.pool.get_stats(), runtime.counters, runtime.watchdog)
 
     @property

@@ -113,9 +113,7 @@ class Watcher(RequestControl):
 
     def _arm_timer(self) -> None:
         """Be due at the deadline, or when watching for a disconnect starts if sooner."""
-        if self.slot is not None:
-            self.clock.remove(self.slot, self)
-            self.slot = None
+        self._leave_clock()
         if not self.active:
             return
         at = self.deadline
@@ -140,11 +138,14 @@ class Watcher(RequestControl):
                 self.pump = self.loop.create_task(self._watch_receive(self.relay))
         self._arm_timer()
 
-    def _stop_watching(self) -> None:
-        self.active = False
+    def _leave_clock(self) -> None:
         if self.slot is not None:
             self.clock.remove(self.slot, self)
             self.slot = None
+
+    def _stop_watching(self) -> None:
+        self.active = False
+        self._leave_clock()
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 

@@ -45,9 +45,10 @@ class DBPoolCollector(Collector):
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.db._snapshot()
-        if stats is None:
+        runtime = self.db._runtime
+        if runtime is None:
             return
+        stats = self.db._snapshot(runtime)
         label = [stats.name]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
