@@ -33,7 +33,8 @@ def prepare(url: str) -> None:
         conn.execute("CREATE TABLE bench_log (id bigserial PRIMARY KEY, item_id int NOT NULL)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -42,7 +43,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def served(factory: str, url: str) -> Iterator[int]:
     """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
+from benchmarks._runner import free_port
 from example_app.app import create_app
 
 from .conftest import Server, make_db
@@ -52,12 +52,6 @@ def test_export_report_health_and_metrics(database_url: str, app_name: str) -> N
         assert client.get("/readyz").json()["status"] == "ready"
         metrics = client.get("/metrics/").text
         assert "fastapi_dbpool_cancelled_requests_total" in metrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_python_m_example_app_serves_and_stops_cleanly(
