@@ -57,7 +57,8 @@ class Clock:
 
     def _tick(self) -> None:
         self._timer, self._timer_slot = None, math.inf
-        now = math.ceil(time.monotonic() / RESOLUTION)
+        # slot k holds the items due in ((k-1)*R, k*R]: only a slot whose end has passed is due
+        now = math.floor(time.monotonic() / RESOLUTION)
         while self._order and self._order[0] <= now:
             for item in self._slots.pop(heapq.heappop(self._order)):
                 item.due()

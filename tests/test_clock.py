@@ -1,0 +1,37 @@
+"""The middleware's shared deadline clock: never early, at most one resolution late."""
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from fastapi_dbpool._clock import RESOLUTION, Clock
+
+pytestmark = pytest.mark.anyio
+
+
+class Item:
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.called: list[float] = []
+
+    def due(self) -> None:
+        self.called.append(time.monotonic())
+
+
+async def test_an_item_is_never_due_before_its_time_even_in_the_next_slot() -> None:
+    """The tick for one slot also popped the next one (it rounded the time up), calling
+    items up to 10 ms early; the middleware's Watcher then spun, re-adding itself, until
+    its deadline came, and beat the pool's own acquire timeout to it."""
+    clock = Clock(asyncio.get_running_loop())
+    base = (math.floor(time.monotonic() / RESOLUTION) + 3) * RESOLUTION
+    first = Item(base - RESOLUTION / 20)  # the last moment of one slot
+    second = Item(base + RESOLUTION * 0.9)  # late in the very next slot
+    for item in (first, second):
+        clock.add(item.at, item)
+    await asyncio.sleep(base + 2 * RESOLUTION - time.monotonic() + 0.02)
+    for item in (first, second):
+        assert len(item.called) == 1
+        assert item.called[0] >= item.at
+        assert item.called[0] - item.at < RESOLUTION + 0.05  # late by a slot at most (+ slack)
