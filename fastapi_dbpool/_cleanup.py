@@ -27,7 +27,7 @@ RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
 _ACTIVE = TransactionStatus.ACTIVE
 _RECANCEL_FIRST, _RECANCEL_MAX = 0.05, 0.5
-_HINT_BROKEN = (
+HINT_BROKEN = (
     "hint: the connection was broken (server restart, network, pg_terminate_backend); the "
     "pool replaces it; look further only if this repeats"
 )
@@ -128,7 +128,7 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
                 "rollback failed (%s: %s); closing the connection. %s",
                 type(ex).__name__,
                 ex,
-                _HINT_BROKEN,
+                HINT_BROKEN,
             )
             close_now(tx.connection)
     if scope.cancelled_caught:
@@ -177,7 +177,7 @@ async def give_back(
                 "could not reset a returned connection (%s: %s); closing it. %s",
                 type(ex).__name__,
                 ex,
-                _HINT_BROKEN,
+                HINT_BROKEN,
             )
     if scope.cancelled_caught:
         logger.warning(
@@ -193,7 +193,7 @@ async def give_back(
                 "could not return a connection to the pool (%s: %s); closing it. %s",
                 type(ex).__name__,
                 ex,
-                _HINT_BROKEN,
+                HINT_BROKEN,
             )
             close_now(conn)
     if scope.cancelled_caught:

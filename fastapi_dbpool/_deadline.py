@@ -89,7 +89,7 @@ def deadline(seconds: float | None) -> DependsParam:
     return dependency
 
 
-_UNKNOWN = -1
+UNKNOWN_TIMEOUT = -1  # statement_timeout as set on the server is not known: set it again
 STATEMENT_TIMEOUT_MARGIN = 0.1
 
 
@@ -129,6 +129,8 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
 async def _set(conn: GuardedConnection, ms: int | None) -> None:
     if ms is None:
         return
-    conn._dbpool_timeout_ms = _UNKNOWN  # if the SET is interrupted, the next checkout redoes it
+    conn._dbpool_timeout_ms = (
+        UNKNOWN_TIMEOUT  # if the SET is interrupted, the next checkout redoes it
+    )
     await conn.execute(f"SET statement_timeout = {int(ms)}")
     conn._dbpool_timeout_ms = ms

@@ -17,9 +17,10 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _cleanup, _dsn, _env
+from . import _cleanup, _dsn, _env, _pinned
 from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
 from ._metrics import PoolStats, snapshot
+from ._pinned import Pinned, binding
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
 from ._watchdog import LoopWatchdog
@@ -100,6 +101,7 @@ class DBPool:
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
         self._pool_kwargs = self._with_our_defaults(pool_kwargs, params)
         self._runtime: PoolRuntime | None = None
+        self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
         try:  # psycopg_pool checks sizes and names; nothing connects with open=False
             AsyncConnectionPool(conninfo, open=False, **self._pool_kwargs)
         except (TypeError, ValueError) as ex:
@@ -115,8 +117,22 @@ class DBPool:
         ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``. Keyword `overrides` win over the
         environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
         raises `ConfigurationError` naming it.
+
+        Under pytest with fastapi_dbpool's plugin, a missing ``DATABASE_URL`` (in
+        ``os.environ``) is allowed here, so that an app module creating its DBPool at
+        import can be imported: the plugin's fixtures bind the pool to a test database,
+        and opening it any other way raises `ConfigurationError`.
         """
-        url, settings = _env.read(os.environ if environ is None else environ)
+        source = os.environ if environ is None else environ
+        if (
+            environ is None
+            and _pinned.plugin_sessions
+            and not source.get("DATABASE_URL", "").strip()
+        ):
+            db = cls(**{**_env.read({**source, "DATABASE_URL": "postgresql://"})[1], **overrides})
+            db._unbound = True
+            return db
+        url, settings = _env.read(source)
         return cls(url, **{**settings, **overrides})
 
     def _with_our_defaults(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
@@ -211,20 +227,35 @@ class DBPool:
                     runtime.watchdog.stop()
 
     async def _open(self) -> PoolRuntime:
+        bound = binding.get()
+        if bound is None and self._unbound:
+            raise ConfigurationError(
+                "DATABASE_URL is not set, so this DBPool (from DBPool.from_env()) has no "
+                "database. Under pytest, run the app through the dbpool_app or dbpool_client "
+                "fixtures, which open it on a test database, or set DATABASE_URL."
+            )
+        conninfo = self._conninfo if bound is None else bound.conninfo
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self._conninfo, open=False, **self._pool_kwargs
+            conninfo, open=False, **self._pool_kwargs
         )
         timeout = self._settings.open_timeout
         deadline = time.monotonic() + timeout
-        target = _dsn.describe(self._conninfo)
+        target = _dsn.describe(conninfo)
+        runtime: PoolRuntime | None = None
         try:
             with anyio.fail_after(timeout):
                 cancels = _cancel_requests()
-                await self._preflight(pool)
+                await self._preflight(pool, conninfo)
                 await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
                 if _cancel_requests() > cancels:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
+                runtime = PoolRuntime(pool, self._settings)
+                if bound is not None:
+                    runtime.loop_hint = bound.hint
+                    if bound.isolate:
+                        runtime.pinned = await Pinned.begin(runtime)
+                    bound.runtimes.append(runtime)
         except (TimeoutError, PoolTimeout) as ex:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             cause = f"{pool.min_size} connection(s) not ready in time ({type(ex).__name__})"
@@ -236,12 +267,12 @@ class DBPool:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             raise
         logger.info("pool %r open on %s (%s)", pool.name, target, pool.get_stats())
-        return PoolRuntime(pool, self._settings)
+        return runtime
 
-    async def _preflight(self, pool: AsyncConnectionPool[Any]) -> None:
+    async def _preflight(self, pool: AsyncConnectionPool[Any], conninfo: str) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
         kwargs = await _resolve_kwargs(pool.kwargs)
-        conn = await AsyncConnection.connect(self._conninfo, **kwargs)
+        conn = await AsyncConnection.connect(conninfo, **kwargs)
         await conn.close()
 
     async def _close(self, runtime: PoolRuntime) -> None:
@@ -255,7 +286,11 @@ class DBPool:
                 lease,
             )
             await _cleanup.cancel_and_close(lease.conn, self._settings.release_timeout)
+        if runtime.pinned is not None:
+            await runtime.pinned.end(runtime, self._settings.release_timeout)
         await _cleanup.close_pool(runtime.pool, self._settings.close_timeout)
+        for conn in list(runtime.returned):  # returns psycopg_pool dropped without closing
+            _cleanup.close_now(conn)
         logger.info("pool %r closed", runtime.pool.name)
 
     @asynccontextmanager

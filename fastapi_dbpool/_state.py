@@ -7,6 +7,7 @@ import logging
 import select
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
 from ._deadline import apply_statement_timeout, current_control
 from ._metrics import Counters
+from ._pinned import Pinned
 from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
@@ -56,11 +58,16 @@ class PoolRuntime:
         self.loop = asyncio.get_running_loop()
         self.thread = threading.current_thread().name
         self.leases: set[Lease] = set()
+        # psycopg_pool's close() drops a return still queued for its workers without
+        # closing the connection; the lifespan closes what is left open (see DBPool._close).
+        self.returned: weakref.WeakSet[GuardedConnection] = weakref.WeakSet()
         self.closing = False
         self._background: set[asyncio.Task[bool]] = set()
         self._last_exhaustion_log = 0.0
         self.watchdog: LoopWatchdog | None = None
         self.counters = Counters()
+        self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
+        self.loop_hint = ""  # how a test started the app, for WrongEventLoopError
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoopError` unless called on the loop that opened the pool."""
@@ -75,6 +82,7 @@ class PoolRuntime:
                 used_in=f"thread {threading.current_thread().name!r}"
                 if loop
                 else "no running asyncio loop",
+                hint=self.loop_hint,
             )
 
     async def acquire(
@@ -114,7 +122,11 @@ class PoolRuntime:
             )
         while True:
             try:
-                conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+                wait = max(deadline - time.monotonic(), 0.0)
+                if self.pinned is not None:
+                    conn = await self.pinned.take(wait)
+                else:
+                    conn = await self.pool.getconn(timeout=wait)
             except (PoolTimeout, TooManyRequests) as ex:
                 if by_deadline and isinstance(ex, PoolTimeout):
                     self.counters.deadline_exceeded += 1
@@ -139,7 +151,7 @@ class PoolRuntime:
             if control is not None:
                 control.leases.add(lease)
             try:
-                if await _alive(conn):
+                if not conn.closed if self.pinned else await _alive(conn):
                     left = control.remaining() if control else None
                     await apply_statement_timeout(conn, None if left is None else max(left, 0))
                     if for_request:
@@ -171,9 +183,16 @@ class PoolRuntime:
         lease.state = LeaseState.RELEASING
         conn = lease.conn
         try:
-            if not await _cleanup.give_back(self.pool, conn, self.settings.release_timeout):
+            if self.pinned is not None:
+                healthy = await self.pinned.give_back(self.settings.release_timeout)
+            else:
+                self.returned.add(conn)
+                healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
+            if not healthy:
                 self.counters.discarded_on_release += 1
         except asyncio.CancelledError:
+            if self.pinned is not None:
+                raise  # its lock is released; the test's final ROLLBACK discards the rest
             # A plain task.cancel() goes through anyio's shield, which holds off only anyio's
             # own cancellation. putconn() does not await (DBPool always sets a reset), so
             # the connection was not handed back yet: finish in a task of its own.

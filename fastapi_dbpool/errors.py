@@ -28,6 +28,7 @@ __all__ = [
     "ConnectionReleasedError",
     "DBPoolError",
     "DeadlineExceededError",
+    "IsolationError",
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
@@ -69,13 +70,13 @@ class WrongEventLoopError(DBPoolError, RuntimeError):
     asyncio objects cannot cross loops; psycopg_pool would wait until its timeout.
     """
 
-    def __init__(self, name: str, opened_in: str, used_in: str) -> None:
+    def __init__(self, name: str, opened_in: str, used_in: str, hint: str = "") -> None:
         super().__init__(
             f"The connection pool {name!r} was opened on the event loop of {opened_in} but is "
             f"used from a different event loop ({used_in}). A pool works only on the loop that "
             "opened it: run the app's lifespan on the loop that serves its requests (in tests, "
             "give the app fixture and the test the same event loop scope), or open another "
-            "DBPool for the other loop."
+            "DBPool for the other loop." + (f" {hint}" if hint else "")
         )
 
 
@@ -159,4 +160,22 @@ class ConnectionInUseError(ConnectionMisuseError):
                 if same_request
                 else ""
             )
+        )
+
+
+class IsolationError(DBPoolError, AssertionError):
+    """The code under test ended the transaction a test's isolation rolls back at its end.
+
+    Raised by `fastapi_dbpool.testing` when the test ends: what was committed is in the
+    test database, and later tests may see it.
+    """
+
+    def __init__(self, name: str, how: str) -> None:
+        super().__init__(
+            f"Rollback isolation was broken in pool {name!r}: the code under test ended the "
+            f"test's transaction ({how}), so what it wrote was committed and may be seen by "
+            "later tests. Use `async with conn.transaction():` or TransactionDep instead of "
+            "COMMIT/ROLLBACK statements or conn.commit(); or, for a test that must commit "
+            "for real, override the dbpool_isolation fixture to return 'database' (a fresh "
+            "database for the test)."
         )

@@ -147,5 +147,5 @@ def test_every_warning_carries_a_hint() -> None:
             ):
                 calls += 1
                 text = ast.unparse(node)
-                assert "hint:" in text or "_HINT" in text, f"{path.name}: {text}"
+                assert "hint:" in text or "HINT_" in text, f"{path.name}: {text}"
     assert calls >= 10

@@ -238,3 +238,17 @@ async def test_callable_connection_kwargs_are_resolved_for_every_connection(
         async with db.connection() as conn:
             assert conn.autocommit
     assert len(calls) == 3  # the startup check, then each of the two pool connections
+
+
+async def test_a_connection_returned_just_before_shutdown_is_closed(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """psycopg_pool queues a returned connection for a worker, and close() discards the
+    queued task without closing the connection: its server session stayed open."""
+    db = make_db(database_url, app_name, min_size=2, max_size=2)
+    app = FastAPI()
+    async with db.lifespan(app):
+        for _ in range(2):
+            async with db.connection() as conn:
+                await conn.execute("SELECT 1")
+    assert server.wait_until(lambda states: not states, timeout=3.0) == []
