@@ -94,3 +94,9 @@ async def serve(app: FastAPI, db: DBPool) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
+
+
+@pytest.fixture(scope="session")
+def dbpool_server_url(database_url: str) -> str:
+    """The plugin's test databases go on the suite's server (no second embedded one)."""
+    return database_url

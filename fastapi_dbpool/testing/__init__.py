@@ -1,5 +1,11 @@
-"""Helpers for testing and running apps built on fastapi_dbpool against a real PostgreSQL."""
+"""Helpers for testing apps built on fastapi_dbpool against a real PostgreSQL.
 
+The pytest plugin (`fastapi_dbpool.testing._plugin`, registered as ``fastapi_dbpool``)
+builds on these; see the README, "Testing your app".
+"""
+
+from ..errors import IsolationError
+from ._app import AppHarness
 from ._postgres import database_url, embedded_postgres
 
-__all__ = ["database_url", "embedded_postgres"]
+__all__ = ["AppHarness", "IsolationError", "database_url", "embedded_postgres"]
