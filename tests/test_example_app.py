@@ -8,50 +8,65 @@ import time
 from pathlib import Path
 
 import httpx
-from fastapi.testclient import TestClient
+import psycopg
+import pytest
+from fastapi import FastAPI
 
 from benchmarks._runner import free_port
-from example_app.app import create_app
+from example_app.app import SCHEMA, from_env
 
-from .conftest import Server, make_db
+from .conftest import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_items_and_an_all_or_nothing_move(database_url: str, app_name: str) -> None:
-    app = create_app(make_db(database_url, app_name))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        a = client.post("/items", json={"name": "a", "quantity": 5}).json()
-        b = client.post("/items", json={"name": "b"}).json()
-        assert client.get(f"/items/{a['id']}").json() == a
-        assert client.get("/items/0").status_code == 404
-        assert client.post("/items", json={"name": ""}).status_code == 500  # CHECK, rolled back
-        moved = client.post(f"/items/{a['id']}/move/{b['id']}?quantity=3").json()
-        assert [i["quantity"] for i in moved] == [2, 3]
-        # not enough left: the first UPDATE is rolled back with the second
-        assert client.post(f"/items/{a['id']}/move/{b['id']}?quantity=3").status_code == 409
-        quantities = [client.get(f"/items/{i['id']}").json()["quantity"] for i in (a, b)]
-        assert quantities == [2, 3]
-        page = client.get(f"/items?after={a['id']}&limit=1").json()
-        assert page == [{"id": b["id"], "name": "b", "quantity": 3}]
+@pytest.fixture
+def app() -> FastAPI:
+    """The example app as a user's tests would get it: its DBPool from the environment,
+    which the plugin binds to a test database (DATABASE_URL may be unset)."""
+    return from_env()
 
 
-def test_export_report_health_and_metrics(database_url: str, app_name: str) -> None:
-    app = create_app(make_db(database_url, app_name))
-    with TestClient(app) as client:
-        for n in range(3):
-            client.post("/items", json={"name": f"export {n}", "quantity": n})
-        lines = [json.loads(line) for line in client.get("/export").text.splitlines()]
-        assert lines[-1] == {"end": len(lines) - 1}
-        assert {"name": "export 2", "quantity": 2}.items() <= lines[-2].items()
-        cut = client.get("/report?seconds=5", headers={"X-Request-Timeout": "0.3"})
-        assert cut.status_code == 504
-        report = client.get("/report?seconds=0").json()
-        assert report["items"] == len(lines) - 1
-        assert client.get("/livez").status_code == 200
-        assert client.get("/readyz").json()["status"] == "ready"
-        metrics = client.get("/metrics/").text
-        assert "fastapi_dbpool_cancelled_requests_total" in metrics
+@pytest.fixture(scope="session")
+def dbpool_schema() -> str:
+    return SCHEMA
+
+
+@pytest.mark.anyio
+async def test_items_and_an_all_or_nothing_move(dbpool_client: httpx.AsyncClient) -> None:
+    client = dbpool_client
+    a = (await client.post("/items", json={"name": "a", "quantity": 5})).json()
+    b = (await client.post("/items", json={"name": "b"})).json()
+    assert (await client.get(f"/items/{a['id']}")).json() == a
+    assert (await client.get("/items/0")).status_code == 404
+    with pytest.raises(psycopg.errors.CheckViolation):  # rolled back; the test goes on
+        await client.post("/items", json={"name": ""})
+    moved = (await client.post(f"/items/{a['id']}/move/{b['id']}?quantity=3")).json()
+    assert [i["quantity"] for i in moved] == [2, 3]
+    # not enough left: the first UPDATE is rolled back with the second
+    refused = await client.post(f"/items/{a['id']}/move/{b['id']}?quantity=3")
+    assert refused.status_code == 409
+    quantities = [(await client.get(f"/items/{i['id']}")).json()["quantity"] for i in (a, b)]
+    assert quantities == [2, 3]
+    page = (await client.get(f"/items?after={a['id']}&limit=1")).json()
+    assert page == [{"id": b["id"], "name": "b", "quantity": 3}]
+
+
+@pytest.mark.anyio
+async def test_export_report_health_and_metrics(dbpool_client: httpx.AsyncClient) -> None:
+    client = dbpool_client
+    for n in range(3):
+        await client.post("/items", json={"name": f"export {n}", "quantity": n})
+    lines = [json.loads(line) for line in (await client.get("/export")).text.splitlines()]
+    assert lines[-1] == {"end": 3}  # only this test's items: the previous test's are gone
+    assert {"name": "export 2", "quantity": 2}.items() <= lines[-2].items()
+    cut = await client.get("/report?seconds=5", headers={"X-Request-Timeout": "0.3"})
+    assert cut.status_code == 504
+    assert (await client.get("/report?seconds=0")).json() == {"items": 3, "quantity": 3}
+    assert (await client.get("/livez")).status_code == 200
+    assert (await client.get("/readyz")).json()["status"] == "ready"
+    metrics = (await client.get("/metrics/")).text
+    assert 'fastapi_dbpool_cancelled_requests_total{pool="fastapi_dbpool"} 1.0' in metrics
 
 
 def test_python_m_example_app_serves_and_stops_cleanly(

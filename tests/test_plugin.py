@@ -5,6 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from fastapi import FastAPI
+
+from fastapi_dbpool import ConfigurationError, DBPool
+from fastapi_dbpool.testing import AppHarness
 
 from .conftest import Server
 
@@ -270,3 +274,22 @@ def test_without_an_app_fixture_the_error_says_what_to_define(pytester: pytest.P
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*need an `app` fixture that returns your FastAPI app*"])
+
+
+@pytest.mark.anyio
+async def test_from_env_without_a_url_opens_only_where_a_test_binds_it(
+    database_url: str, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with pytest.raises(ConfigurationError, match="DATABASE_URL is not set"):
+        DBPool.from_env({})  # an explicit environment is taken as it is
+    db = DBPool.from_env(name=server.app_name, min_size=1)  # importable under the plugin
+    with pytest.raises(ConfigurationError, match="dbpool_app or dbpool_client"):
+        async with db.lifespan(FastAPI()):
+            pass
+    app = FastAPI(lifespan=db.lifespan)
+    async with AppHarness(app, database_url) as harness:
+        assert server.states() == ["idle in transaction"]  # the pinned connection
+        async with harness.client() as client:
+            assert (await client.get("/nothing")).status_code == 404
+    assert server.wait_until(lambda states: not states) == []
