@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from typing import IO
 
 import psycopg
 
@@ -41,19 +42,31 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(factory: str, url: str) -> Iterator[int]:
-    """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit."""
+def served(
+    factory: str,
+    url: str,
+    *,
+    env: dict[str, str] | None = None,
+    probe: str = "/nodb",
+    log: IO[bytes] | None = None,
+) -> Iterator[int]:
+    """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit.
+
+    Ready once `probe` answers; `env` adds to the environment; `log` takes its output.
+    """
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        env={**os.environ, "DATABASE_URL": url},
+        env={**os.environ, **(env or {}), "DATABASE_URL": url},
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/nodb", timeout=1):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=1):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:

@@ -40,10 +40,25 @@ async def http_get(
     port: int, path: str, headers: dict[str, str] | None = None, *, timeout: float = 30
 ) -> tuple[int, dict[str, str], bytes, bool]:
     """GET over a fresh connection: (status, headers, body, whether the body was complete)."""
+    return await http_request(port, "GET", path, headers, timeout=timeout)
+
+
+async def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    *,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes, bool]:
+    """One request over a fresh connection: (status, headers, body, whether it was complete)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n".encode())
+        sent = {**(headers or {}), "Content-Length": str(len(body))} if body else headers or {}
+        extra = "".join(f"{k}: {v}\r\n" for k, v in sent.items())
+        request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+        writer.write(request.encode() + body)
         with anyio.fail_after(timeout):
             raw = await reader.read()
     finally:

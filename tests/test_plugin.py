@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 
 import pytest
 from fastapi import FastAPI
@@ -111,15 +112,24 @@ def run(project: pytest.Pytester, source: str) -> pytest.RunResult:
     return project.runpytest()
 
 
-def leftovers(server: Server) -> list[tuple[str, ...]]:
-    """Test databases and backends the inner session left behind (both must be none)."""
-    dbs = server.query("SELECT datname FROM pg_database WHERE datname LIKE 'dbpool_%%'")
-    return dbs + [
-        ("backend", *row)
-        for row in server.query(
+def dbpool_databases(server: Server) -> set[str]:
+    rows = server.query("SELECT datname FROM pg_database WHERE datname LIKE 'dbpool_%%'")
+    return {row[0] for row in rows}
+
+
+@pytest.fixture
+def leftovers(server: Server) -> Callable[[], list[str]]:
+    """Test databases and backends the inner session left behind (both must be none); the
+    outer session's own test databases (the example app's tests) do not count."""
+    before = dbpool_databases(server)
+
+    def left() -> list[str]:
+        backends = server.query(
             "SELECT state FROM pg_stat_activity WHERE application_name = %s", server.app_name
         )
-    ]
+        return sorted(dbpool_databases(server) - before) + [f"backend {b}" for (b,) in backends]
+
+    return left
 
 
 @pytest.mark.parametrize(
@@ -132,16 +142,16 @@ def leftovers(server: Server) -> list[tuple[str, ...]]:
     ],
 )
 def test_a_test_write_is_rolled_back_before_the_next_test(
-    project: pytest.Pytester, server: Server, mark: str
+    project: pytest.Pytester, leftovers: Callable[[], list[str]], mark: str
 ) -> None:
     """Whatever runs the test's loop, test 2 finds the table test 1 wrote to empty."""
     result = run(project, WRITE_THEN_EMPTY.format(mark=mark))
     result.assert_outcomes(passed=2)
-    assert leftovers(server) == []
+    assert leftovers() == []
 
 
 def test_the_schema_is_built_once_and_fresh_databases_are_copies(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, server: Server, leftovers: Callable[[], list[str]]
 ) -> None:
     project.makeconftest(
         APP.format(app_name=server.app_name).replace(
@@ -182,11 +192,11 @@ def test_the_schema_is_built_once_and_fresh_databases_are_copies(
     )
     result.assert_outcomes(passed=4)
     assert (project.path / "schema_runs.txt").read_text() == "run\n"
-    assert leftovers(server) == []
+    assert leftovers() == []
 
 
 def test_a_failed_or_cancelled_request_does_not_poison_the_test(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, leftovers: Callable[[], list[str]]
 ) -> None:
     result = run(
         project,
@@ -206,11 +216,11 @@ def test_a_failed_or_cancelled_request_does_not_poison_the_test(
         """,
     )
     result.assert_outcomes(passed=1)
-    assert leftovers(server) == []
+    assert leftovers() == []
 
 
 def test_using_the_app_on_another_loop_fails_fast_with_a_hint(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, leftovers: Callable[[], list[str]]
 ) -> None:
     result = run(
         project,
@@ -235,11 +245,11 @@ def test_using_the_app_on_another_loop_fails_fast_with_a_hint(
     result.stdout.fnmatch_lines(["*WrongEventLoopError*test_other_loop (setup)*loop_scope=*"])
     assert "Timeout" not in result.stdout.str()
     assert result.duration < 30
-    assert leftovers(server) == []
+    assert leftovers() == []
 
 
 def test_a_commit_by_the_code_under_test_fails_the_test(
-    project: pytest.Pytester, server: Server
+    project: pytest.Pytester, leftovers: Callable[[], list[str]]
 ) -> None:
     result = run(
         project,
@@ -257,7 +267,7 @@ def test_a_commit_by_the_code_under_test_fails_the_test(
     )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*IsolationError: Rollback isolation was broken*"])
-    assert leftovers(server) == []
+    assert leftovers() == []
 
 
 def test_without_an_app_fixture_the_error_says_what_to_define(pytester: pytest.Pytester) -> None:

