@@ -136,6 +136,21 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
         close_now(tx.connection)
 
 
+def _ready_for_next(conn: AsyncConnection[Any]) -> bool:
+    """Whether `conn` can go back as it is: idle in autocommit, nothing open, nothing pending."""
+    pgconn = conn.pgconn
+    pending = getattr(conn, "_dbpool_cancel_done", None)
+    return (
+        pgconn.transaction_status == _IDLE  # UNKNOWN once closed or broken
+        and pgconn.status == ConnStatus.OK
+        and conn.autocommit
+        and not conn._num_transactions
+        and conn._pipeline is None
+        and not conn.lock.locked()
+        and (pending is None or pending.is_set())
+    )
+
+
 async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
     pending: anyio.Event | None = getattr(conn, "_dbpool_cancel_done", None)
     if pending is not None:
@@ -166,6 +181,22 @@ async def give_back(
     replaces it. Returns whether it went back healthy. Never raises, and never swallows a
     cancellation: callers re-raise what they were handling.
     """
+    if not pool.closed and _ready_for_next(conn):
+        # The common case needs no await that can suspend: with the pool open and a reset
+        # callback set, putconn() only queues the return (see DBPool), so no cancellation
+        # can land here and neither a shield nor a timeout is needed.
+        try:
+            await pool.putconn(conn)
+            return True
+        except Exception as ex:
+            logger.warning(
+                "could not return a connection to the pool (%s: %s); closing it. %s",
+                type(ex).__name__,
+                ex,
+                HINT_BROKEN,
+            )
+            close_now(conn)
+            return False
     healthy = False
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:

@@ -40,7 +40,7 @@ class LeaseState(enum.Enum):
 class Lease:
     """One checkout of one connection by one task (a request's, or `db.connection()`'s)."""
 
-    __slots__ = ("cleanup_timeout", "conn", "control", "shared", "state", "task")
+    __slots__ = ("cleanup_timeout", "conn", "control", "shared", "state", "stream", "task")
 
     def __init__(
         self,
@@ -49,6 +49,7 @@ class Lease:
         shared: bool,
         cleanup_timeout: float,
         control: RequestControl | None = None,
+        stream: bool = False,
     ):
         self.conn = conn
         self.task = task
@@ -56,6 +57,7 @@ class Lease:
         self.cleanup_timeout = cleanup_timeout
         self.control = control  # the request whose deadline this checkout obeys
         self.state = LeaseState.ACTIVE
+        self.stream = stream  # StreamTransactionDep's: held until the response is sent
 
     def __repr__(self) -> str:
         name = self.task.get_name() if self.task else None
@@ -65,6 +67,19 @@ class Lease:
 # The lease of the request running in this context. Tasks spawned by a request copy
 # their context, so they can tell "my request's connection, after the request ended".
 request_lease: ContextVar[Lease | None] = ContextVar("fastapi_dbpool_request_lease", default=None)
+
+
+def held_lease() -> Lease | None:
+    """The lease this request's task holds now, to share between its dependencies."""
+    lease = request_lease.get()
+    if (
+        lease is not None
+        and lease.state is LeaseState.ACTIVE
+        and lease.task is asyncio.current_task()
+        and not lease.stream
+    ):
+        return lease
+    return None
 
 
 class GuardedConnection(AsyncConnection[Any]):
@@ -83,6 +98,8 @@ class GuardedConnection(AsyncConnection[Any]):
     _dbpool_gen: object = None  # the statement being waited for
     _dbpool_cancelled_gen: object = None  # the statement the middleware cancelled on the server
     _dbpool_cancel_done: Any = None  # set once the middleware's cancel request was delivered
+    _dbpool_poller: Any = None  # a select.poll() on the socket, for the liveness check
+    _dbpool_returned_to: object = None  # the pool runtime that knows it was given back
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease
@@ -104,7 +121,9 @@ class GuardedConnection(AsyncConnection[Any]):
     async def wait(
         self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL, timeout: float | None = None
     ) -> RV:
-        self._dbpool_check_owner()
+        lease = self._dbpool_lease
+        if lease is None or lease.task is not asyncio.current_task():
+            self._dbpool_check_owner()  # the owner's own statements need no further check
         if self._dbpool_cancel_done is not None and not self._dbpool_cancel_done.is_set():
             # A cancel request names a backend, not a statement: one still in flight from
             # another task would cancel this statement (a ROLLBACK, the next request's query).

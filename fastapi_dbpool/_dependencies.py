@@ -1,7 +1,8 @@
 """ConnectionDep and TransactionDep: one lazy checkout per request, released before the response.
 
-Both depend on `_checkout`, which FastAPI caches per request, so every dependency of a
-request shares one connection and a request can never wait for a second one while it
+Each is a single yield dependency, because FastAPI solves every level of dependencies on
+every request. The first of them in a request checks a connection out and the other
+shares it (`held_lease`), so a request never waits for a second connection while it
 holds the first. `scope="function"` ends them when the endpoint returns, before the
 response is sent: a failed COMMIT becomes a 500, and the connection goes back to the pool
 without waiting for a slow client to read the response.
@@ -16,20 +17,44 @@ from fastapi import Depends
 from psycopg import AsyncConnection
 from starlette.requests import HTTPConnection
 
-from ._connection import Lease
+from ._connection import Lease, held_lease
 from ._state import runtime_of
 from ._transaction import transaction
 
 
-async def _checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
-    async with runtime_of(connection).lease(for_request=True) as lease:
-        yield lease
+async def _connection(connection: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
+    held = held_lease()
+    if held is not None:  # TransactionDep of this request checked it out: share it
+        yield held.conn
+        return
+    runtime = runtime_of(connection)
+    lease = await runtime.acquire(for_request=True)
+    try:
+        yield lease.conn
+    finally:
+        await runtime.release(lease)
 
 
-_Checkout = Annotated[Lease, Depends(_checkout, scope="function")]
+async def _transaction(connection: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
+    held = held_lease()
+    if held is not None:  # ConnectionDep of this request checked it out: share it
+        async with transaction(held.conn, held.cleanup_timeout, held.control) as conn:
+            yield conn
+        return
+    runtime = runtime_of(connection)
+    lease = await runtime.acquire(for_request=True)
+    try:
+        async with transaction(lease.conn, lease.cleanup_timeout, lease.control) as conn:
+            yield conn
+    finally:
+        await runtime.release(lease)
 
 
-async def get_connection(lease: _Checkout) -> AsyncConnection[Any]:
+_Connection = Annotated[AsyncConnection[Any], Depends(_connection, scope="function")]
+_Transaction = Annotated[AsyncConnection[Any], Depends(_transaction, scope="function")]
+
+
+async def get_connection(conn: _Connection) -> AsyncConnection[Any]:
     """The request's connection, in autocommit mode: each statement commits on its own.
 
     Use ``async with conn.transaction():`` for a transaction inside the handler. The
@@ -37,23 +62,23 @@ async def get_connection(lease: _Checkout) -> AsyncConnection[Any]:
     (waiting at most ``acquire_timeout``, else 503) and given back when the endpoint
     returns or raises, rolled back if a transaction was left open. If the request also
     uses `TransactionDep`, both are the same connection, inside that transaction.
+    For a typed alias: ``Annotated[AsyncConnection[DictRow], Depends(get_connection)]``.
     """
-    return lease.conn
+    return conn
 
 
-async def get_transaction(lease: _Checkout) -> AsyncIterator[AsyncConnection[Any]]:
+async def get_transaction(conn: _Transaction) -> AsyncConnection[Any]:
     """The request's connection inside a transaction, committed before the response is sent.
 
     COMMIT when the endpoint returns; ROLLBACK when anything is raised, `HTTPException`
     and cancellation included. A failed COMMIT propagates (a 500 by default), never a 2xx
     for data that is not there. Nested ``conn.transaction()`` blocks are savepoints.
     """
-    async with transaction(lease.conn, lease.cleanup_timeout, lease.control) as conn:
-        yield conn
+    return conn
 
 
 async def _stream_checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
-    async with runtime_of(connection).lease(for_request=True, shared=True) as lease:
+    async with runtime_of(connection).lease(for_request=True, stream=True) as lease:
         yield lease
 
 
@@ -75,10 +100,10 @@ async def get_stream_transaction(
         yield conn
 
 
-ConnectionDep = Annotated[AsyncConnection[Any], Depends(get_connection)]
+ConnectionDep = _Connection
 """A request's connection (autocommit); see `get_connection`."""
 
-TransactionDep = Annotated[AsyncConnection[Any], Depends(get_transaction, scope="function")]
+TransactionDep = _Transaction
 """A request's connection inside one transaction; see `get_transaction`."""
 
 StreamTransactionDep = Annotated[AsyncConnection[Any], Depends(get_stream_transaction)]

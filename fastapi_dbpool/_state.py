@@ -86,7 +86,7 @@ class PoolRuntime:
             )
 
     async def acquire(
-        self, timeout: float | None = None, *, for_request: bool, shared: bool = False
+        self, timeout: float | None = None, *, for_request: bool, stream: bool = False
     ) -> Lease:
         """Check out a live, idle connection, or raise `PoolExhaustedError` in time.
 
@@ -99,18 +99,19 @@ class PoolRuntime:
         if self.closing:
             raise PoolNotRunningError("the app is shutting down")
         started = time.monotonic()
-        control = current_control.get()
-        if control is not None and not control.active:
-            control = None
         limit = self.settings.acquire_timeout if timeout is None else timeout
-        remaining = control.remaining() if control else None
-        by_deadline = remaining is not None and remaining < limit
-        if remaining is not None and by_deadline:
-            if remaining <= 0:
-                self.counters.deadline_exceeded += 1
-                raise DeadlineExceededError()
-            limit = remaining
-        deadline = time.monotonic() + limit
+        by_deadline = False
+        control = current_control.get()
+        if control is not None and control.active:
+            remaining = control.remaining()
+            if remaining is not None and remaining < limit:
+                if remaining <= 0:
+                    self.counters.deadline_exceeded += 1
+                    raise DeadlineExceededError()
+                limit, by_deadline = remaining, True
+        else:
+            control = None
+        deadline = started + limit
         task = asyncio.current_task()
         held = request_lease.get() if for_request else None
         if held is not None and held.state is LeaseState.ACTIVE and held.task is task:
@@ -120,6 +121,7 @@ class PoolRuntime:
                 "second connection, and requests holding one while waiting for another can "
                 "deadlock the pool). Use StreamTransactionDep alone."
             )
+        shared = stream or (for_request and self.settings.allow_concurrent_tasks)
         while True:
             try:
                 wait = max(deadline - time.monotonic(), 0.0)
@@ -139,21 +141,16 @@ class PoolRuntime:
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
             assert isinstance(conn, GuardedConnection)
-            lease = Lease(
-                conn,
-                task,
-                shared=shared or (for_request and self.settings.allow_concurrent_tasks),
-                cleanup_timeout=self.settings.release_timeout,
-                control=control,
-            )
+            lease = Lease(conn, task, shared, self.settings.release_timeout, control, stream)
             conn._dbpool_lease = lease
             self.leases.add(lease)
             if control is not None:
                 control.leases.add(lease)
             try:
                 if not conn.closed if self.pinned else await _alive(conn):
-                    left = control.remaining() if control else None
-                    await apply_statement_timeout(conn, None if left is None else max(left, 0))
+                    left = control.remaining() if control is not None else None
+                    if left is not None or conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
+                        await apply_statement_timeout(conn, None if left is None else max(left, 0))
                     if for_request:
                         request_lease.set(lease)
                     self.counters.waited(time.monotonic() - started)
@@ -167,10 +164,10 @@ class PoolRuntime:
 
     @asynccontextmanager
     async def lease(
-        self, timeout: float | None = None, *, for_request: bool, shared: bool = False
+        self, timeout: float | None = None, *, for_request: bool, stream: bool = False
     ) -> AsyncIterator[Lease]:
         """`acquire`, then `release` however the block exits."""
-        lease = await self.acquire(timeout, for_request=for_request, shared=shared)
+        lease = await self.acquire(timeout, for_request=for_request, stream=stream)
         try:
             yield lease
         finally:
@@ -186,7 +183,9 @@ class PoolRuntime:
             if self.pinned is not None:
                 healthy = await self.pinned.give_back(self.settings.release_timeout)
             else:
-                self.returned.add(conn)
+                if conn._dbpool_returned_to is not self:
+                    conn._dbpool_returned_to = self
+                    self.returned.add(conn)
                 healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
             if not healthy:
                 self.counters.discarded_on_release += 1
@@ -244,7 +243,7 @@ async def _alive(conn: GuardedConnection) -> bool:
         return False
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return False
-    if not _readable(pgconn.socket):
+    if not _readable(conn):
         return True
     try:
         await conn.execute("")
@@ -253,13 +252,15 @@ async def _alive(conn: GuardedConnection) -> bool:
     return not conn.closed and pgconn.transaction_status == TransactionStatus.IDLE
 
 
-def _readable(fd: int) -> bool:
-    if hasattr(select, "poll"):  # select.select() fails for descriptors over 1023
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
+def _readable(conn: GuardedConnection) -> bool:
+    poller = conn._dbpool_poller
+    if poller is None:
+        if not hasattr(select, "poll"):  # select.select() fails for descriptors over 1023
+            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+            return bool(readable)
+        poller = conn._dbpool_poller = select.poll()  # the socket is the same for life
+        poller.register(conn.pgconn.socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def attach(app: Any, runtime: PoolRuntime | None) -> None:
@@ -270,7 +271,7 @@ def attach(app: Any, runtime: PoolRuntime | None) -> None:
 def find_runtime(scope: Mapping[str, Any]) -> PoolRuntime | None:
     """The pool running for the app of this ASGI scope, if any (no checks)."""
     state = scope.get("state")
-    runtime = state.get(STATE_KEY) if isinstance(state, Mapping) else None
+    runtime = state.get(STATE_KEY) if type(state) is dict or isinstance(state, Mapping) else None
     if runtime is None:
         runtime = getattr(getattr(scope.get("app"), "state", None), STATE_KEY, None)
     return runtime if isinstance(runtime, PoolRuntime) else None

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
-from fastapi_dbpool import ConnectionDep, TransactionDep
+from fastapi_dbpool import ConnectionDep, TransactionDep, get_connection
 
 from .conftest import Server, make_db, serve
 
@@ -48,8 +48,17 @@ async def test_all_dependencies_of_a_request_share_one_connection(
     ) -> dict[str, bool]:
         return {"same": conn is tx and id(conn) == other}
 
+    @app.get("/transaction-first")
+    async def transaction_first(
+        tx: TransactionDep, conn: Annotated[AsyncConnection[Any], Depends(get_connection)]
+    ) -> dict[str, bool]:
+        in_tx = conn.pgconn.transaction_status == TransactionStatus.INTRANS
+        return {"same": conn is tx and in_tx}
+
     async with serve(app, db) as client:
-        results = await asyncio.gather(*(client.get("/shared") for _ in range(10)))
+        results = await asyncio.gather(
+            *(client.get(path) for path in ["/shared", "/transaction-first"] * 5)
+        )
     assert [r.json() for r in results] == [{"same": True}] * 10
 
 
@@ -208,8 +217,6 @@ async def test_max_waiting_sheds_load(database_url: str, app_name: str) -> None:
 
 async def test_typed_alias_with_a_row_factory(database_url: str, app_name: str) -> None:
     from psycopg.rows import DictRow, dict_row
-
-    from fastapi_dbpool import get_connection
 
     db = make_db(database_url, app_name, kwargs={"row_factory": dict_row})
     app = FastAPI()
