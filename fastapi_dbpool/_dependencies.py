@@ -17,9 +17,10 @@ from fastapi import Depends
 from psycopg import AsyncConnection
 from starlette.requests import HTTPConnection
 
+from ._cleanup import roll_back
 from ._connection import Lease, held_lease
 from ._state import runtime_of
-from ._transaction import transaction
+from ._transaction import begin, commit, transaction
 
 
 async def _connection(connection: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
@@ -44,8 +45,13 @@ async def _transaction(connection: HTTPConnection) -> AsyncIterator[AsyncConnect
     runtime = runtime_of(connection)
     lease = await runtime.acquire(for_request=True)
     try:
-        async with transaction(lease.conn, lease.cleanup_timeout, lease.control) as conn:
-            yield conn
+        tx = await begin(lease.conn)
+        try:
+            yield lease.conn
+        except BaseException as exc:
+            await roll_back(tx, exc, lease.cleanup_timeout)
+            raise
+        await commit(tx, lease.cleanup_timeout, lease.control)
     finally:
         await runtime.release(lease)
 

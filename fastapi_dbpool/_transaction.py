@@ -24,17 +24,29 @@ async def transaction(
     client gone) rolls back even if the block ended normally, and one whose COMMIT has
     begun is no longer cancelled by its deadline: a 504 never comes with committed data.
     """
-    tx = AsyncTransaction(conn)
-    await tx.__aenter__()
+    tx = await begin(conn)
     try:
         yield conn
     except BaseException as exc:
         await _cleanup.roll_back(tx, exc, rollback_timeout)
         raise
+    await commit(tx, rollback_timeout, control)
+
+
+async def begin(conn: AsyncConnection[Any]) -> AsyncTransaction:
+    """BEGIN (a SAVEPOINT inside a transaction)."""
+    tx = AsyncTransaction(conn)
+    await tx.__aenter__()
+    return tx
+
+
+async def commit(
+    tx: AsyncTransaction, rollback_timeout: float, control: RequestControl | None
+) -> None:
+    """COMMIT `tx` whose block succeeded, unless its request is being cut (see `transaction`)."""
     if control is not None:
         if control.stopping is not None:
-            abandoned = Rollback()
-            await _cleanup.roll_back(tx, abandoned, rollback_timeout)
+            await _cleanup.roll_back(tx, Rollback(), rollback_timeout)
             return
         control.committing = True
     await tx.__aexit__(None, None, None)
