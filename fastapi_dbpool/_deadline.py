@@ -93,13 +93,17 @@ UNKNOWN_TIMEOUT = -1  # statement_timeout as set on the server is not known: set
 STATEMENT_TIMEOUT_MARGIN = 0.1
 
 
-def _timeout_ms(remaining: float) -> int:
-    """The statement_timeout for `remaining` seconds: a little later, so that the middleware
-    (which answers 504) acts first, and rounded up, so that a connection serving requests of
-    one budget keeps its setting and needs no SET."""
+def _timeout_ms(remaining: float) -> tuple[int, int]:
+    """The statement_timeout for `remaining` seconds, and the step it was rounded up to.
+
+    A little later than the deadline, so that the middleware (which answers 504) acts
+    first; rounded up, so that a connection serving requests of one budget keeps its
+    setting and needs no SET.
+    """
     remaining += STATEMENT_TIMEOUT_MARGIN
     step = 1.0 if remaining >= 10 else 0.1
-    return max(1, math.ceil(round(remaining / step, 6)) * round(step * 1000))
+    step_ms = round(step * 1000)
+    return max(1, math.ceil(round(remaining / step, 6)) * step_ms), step_ms
 
 
 async def apply_statement_timeout(conn: GuardedConnection, remaining: float | None) -> None:
@@ -118,12 +122,18 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
         )
         row: Any = await cur.fetchone()
         conn._dbpool_base_timeout_ms = conn._dbpool_timeout_ms = int(row[0])
-    want = _timeout_ms(remaining)
+    want, step_ms = _timeout_ms(remaining)
     base = conn._dbpool_base_timeout_ms
     if base:
         want = min(want, base)
-    if want != conn._dbpool_timeout_ms:
-        await _set(conn, want)
+    current = conn._dbpool_timeout_ms
+    # Keep a setting that is late enough and at most one step later than wanted: requests
+    # that waited a little longer for the pool straddle a step, and a SET each time would
+    # cost a round trip per request.
+    late_enough = current is not None and want <= current <= want + step_ms
+    if late_enough and current != UNKNOWN_TIMEOUT and (not base or current <= base):
+        return
+    await _set(conn, want)
 
 
 async def _set(conn: GuardedConnection, ms: int | None) -> None:

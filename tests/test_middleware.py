@@ -520,3 +520,27 @@ async def test_a_route_deadline_replaces_the_default_in_both_directions() -> Non
         client = Client(body(b""))
         await call(app, client, path)
         assert client.status == status, path
+
+
+async def test_budgets_that_straddle_a_rounding_step_cost_no_set(database_url: str) -> None:
+    """Requests that waited a little longer for the pool have a little less budget: the
+    setting flipped between two steps and every request paid a SET round trip."""
+    from fastapi_dbpool._connection import GuardedConnection
+    from fastapi_dbpool._deadline import apply_statement_timeout
+
+    async def setting(conn: GuardedConnection) -> str:
+        cur = await conn.execute("SELECT current_setting('statement_timeout')")
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    conn = await GuardedConnection.connect(database_url, autocommit=True)
+    async with conn:
+        await apply_statement_timeout(conn, 29.95)  # 30.05 s, rounded up to 31 s
+        assert await setting(conn) == "31s"
+        await apply_statement_timeout(conn, 29.85)  # 29.95 s would round to 30 s: 31 s is kept
+        assert await setting(conn) == "31s"
+        await apply_statement_timeout(conn, 5.0)  # far tighter: set again
+        assert await setting(conn) == "5100ms"
+        await apply_statement_timeout(conn, None)  # outside deadlines: the session's own
+        assert await setting(conn) == "0"
