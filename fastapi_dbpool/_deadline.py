@@ -130,9 +130,10 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
     # Keep a setting that is late enough and at most one step later than wanted: requests
     # that waited a little longer for the pool straddle a step, and a SET each time would
     # cost a round trip per request.
-    late_enough = current is not None and want <= current <= want + step_ms
-    if late_enough and current != UNKNOWN_TIMEOUT and (not base or current <= base):
-        return
+    if current is not None and current != UNKNOWN_TIMEOUT:
+        late_enough = want <= current <= want + step_ms
+        if late_enough and (not base or current <= base):
+            return
     await _set(conn, want)
 
 
