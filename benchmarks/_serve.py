@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import psycopg
 import uvicorn
 
 
@@ -73,6 +74,22 @@ async def http_request(
         body = rest
         complete = len(rest) == int(fields.get("content-length", len(rest)))
     return status, fields, body, complete
+
+
+async def settled_states(url: str, app_name: str, within: float = 5.0) -> list[str]:
+    """The states of `app_name`'s backends once all are idle, or as they are after `within`."""
+    states: list[str] = []
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for _ in range(int(within / 0.05)):
+            cur = await conn.execute(
+                "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
+                (app_name,),
+            )
+            states = [r[0] for r in await cur.fetchall()]
+            if set(states) <= {"idle"}:
+                break
+            await asyncio.sleep(0.05)
+    return states
 
 
 def _dechunk(data: bytes) -> tuple[bytes, bool]:

@@ -37,7 +37,7 @@ from fastapi_dbpool import (
 )
 from fastapi_dbpool.testing import database_url
 
-from ._serve import http_get, uvicorn_server
+from ._serve import http_get, settled_states, uvicorn_server
 
 MAX_CUT = 0.5  # every request is cut at most this long after it was sent
 GRACE = 1.0  # a query running on longer than this after its cut is orphaned
@@ -193,17 +193,7 @@ async def storm(url: str, requests: int, concurrency: int = 16, seed: int = 1) -
 
 async def _leaks(url: str, app_name: str, port: int, max_size: int, summary: Summary) -> int:
     """Backends not idle once things settle, plus pool slots that cannot be had at once."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        states: list[str] = []
-        for _ in range(100):  # cut queries end at once; give stragglers up to 5 s
-            cur = await conn.execute(
-                "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
-                (app_name,),
-            )
-            states = [r[0] for r in await cur.fetchall()]
-            if set(states) <= {"idle"}:
-                break
-            await asyncio.sleep(0.05)
+    states = await settled_states(url, app_name)  # cut queries end at once; stragglers: 5 s
     busy = sum(s != "idle" for s in states) + max(0, len(states) - max_size)
     # max_size requests at once, each holding its connection for a while: all on distinct backends
     results = await asyncio.gather(*(http_get(port, "/pid/0.3") for _ in range(max_size)))

@@ -43,7 +43,7 @@ from fastapi_dbpool.testing import embedded_postgres
 from fastapi_dbpool.testing._postgres import postmaster_pid
 
 from ._runner import served
-from ._serve import http_request
+from ._serve import http_request, settled_states
 
 MAX_SIZE = 4
 MAX_CUT = 1.0  # every slow report is cut (deadline or hang-up) at most this long after it starts
@@ -280,17 +280,7 @@ async def _restart(pg: Postgres, port: int, summary: Summary, faults: Faults) ->
 
 async def _leaks(url: str, app_name: str, port: int, summary: Summary) -> int:
     """Backends not idle once load stops, beyond max_size, or pool slots not to be had."""
-    states: list[str] = []
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        for _ in range(100):
-            cur = await conn.execute(
-                "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
-                (app_name,),
-            )
-            states = [r[0] for r in await cur.fetchall()]
-            if set(states) <= {"idle"}:
-                break
-            await asyncio.sleep(0.05)
+    states = await settled_states(url, app_name)  # cut queries end at once; stragglers: 5 s
     leaked = sum(s != "idle" for s in states) + max(0, len(states) - MAX_SIZE)
     # max_size slow requests at once: each needs a connection of its own, all must be had
     headers = {HEADER: "5"}

@@ -185,18 +185,7 @@ async def give_back(
         # The common case needs no await that can suspend: with the pool open and a reset
         # callback set, putconn() only queues the return (see DBPool), so no cancellation
         # can land here and neither a shield nor a timeout is needed.
-        try:
-            await pool.putconn(conn)
-            return True
-        except Exception as ex:
-            logger.warning(
-                "could not return a connection to the pool (%s: %s); closing it. %s",
-                type(ex).__name__,
-                ex,
-                HINT_BROKEN,
-            )
-            close_now(conn)
-            return False
+        return await _putconn(pool, conn)
     healthy = False
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:
@@ -217,21 +206,28 @@ async def give_back(
     if not healthy:
         close_now(conn)
     with anyio.move_on_after(timeout, shield=True) as scope:
-        try:
-            await pool.putconn(conn)
-        except Exception as ex:
-            logger.warning(
-                "could not return a connection to the pool (%s: %s); closing it. %s",
-                type(ex).__name__,
-                ex,
-                HINT_BROKEN,
-            )
-            close_now(conn)
+        await _putconn(pool, conn)
     if scope.cancelled_caught:
         logger.warning(
             "returning a connection to the pool took over %.1fs. %s", timeout, _HINT_SLOW
         )
     return healthy
+
+
+async def _putconn(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -> bool:
+    """`pool.putconn(conn)`, or close `conn` if the pool refuses it; whether it went back."""
+    try:
+        await pool.putconn(conn)
+        return True
+    except Exception as ex:
+        logger.warning(
+            "could not return a connection to the pool (%s: %s); closing it. %s",
+            type(ex).__name__,
+            ex,
+            HINT_BROKEN,
+        )
+        close_now(conn)
+        return False
 
 
 async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
