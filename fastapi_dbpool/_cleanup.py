@@ -151,7 +151,8 @@ def _ready_for_next(conn: AsyncConnection[Any]) -> bool:
     )
 
 
-async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
+async def quiesce(conn: AsyncConnection[Any], cancel_timeout: float) -> bool:
+    """Wait until nothing runs on `conn`; whether psycopg's bookkeeping is clean for reuse."""
     pending: anyio.Event | None = getattr(conn, "_dbpool_cancel_done", None)
     if pending is not None:
         await pending.wait()  # a cancel request in flight from another task (cancel_on_server)
@@ -161,9 +162,13 @@ async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
         await conn.cancel_safe(timeout=cancel_timeout)
     async with conn.lock:
         pass
-    if conn._num_transactions or conn._pipeline is not None:
-        # A `conn.transaction()` or `conn.pipeline()` block is still open in some task:
-        # psycopg's bookkeeping would be wrong for the next user.
+    # A `conn.transaction()` or `conn.pipeline()` block still open in some task would
+    # leave psycopg's bookkeeping wrong for the next user.
+    return not conn._num_transactions and conn._pipeline is None
+
+
+async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:
+    if not await quiesce(conn, cancel_timeout):
         close_now(conn)
         return
     if conn.pgconn.transaction_status != _IDLE:

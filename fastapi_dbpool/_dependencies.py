@@ -37,13 +37,13 @@ async def _connection(connection: HTTPConnection) -> AsyncIterator[AsyncConnecti
 
 
 async def _transaction(connection: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
-    held = held_lease()
-    if held is not None:  # ConnectionDep of this request checked it out: share it
-        async with transaction(held.conn, held.cleanup_timeout, held.control) as conn:
-            yield conn
-        return
-    runtime = runtime_of(connection)
-    lease = await runtime.acquire(for_request=True)
+    # BEGIN and COMMIT inline rather than through `transaction()`: one context-manager
+    # layer less on every request.
+    lease = held_lease()  # ConnectionDep of this request checked it out: share it
+    runtime = None
+    if lease is None:
+        runtime = runtime_of(connection)
+        lease = await runtime.acquire(for_request=True)
     try:
         tx = await begin(lease.conn)
         try:
@@ -53,7 +53,8 @@ async def _transaction(connection: HTTPConnection) -> AsyncIterator[AsyncConnect
             raise
         await commit(tx, lease.cleanup_timeout, lease.control)
     finally:
-        await runtime.release(lease)
+        if runtime is not None:
+            await runtime.release(lease)
 
 
 _Connection = Annotated[AsyncConnection[Any], Depends(_connection, scope="function")]

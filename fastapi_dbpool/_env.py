@@ -39,15 +39,16 @@ def positive_seconds(name: str, value: object, *, none_allowed: bool = False) ->
 _EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
 
 
-def read(environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
-    """The connection string and DBPool keywords that `environ` sets."""
+def read(environ: Mapping[str, str], *, url_required: bool = True) -> tuple[str, dict[str, Any]]:
+    """The connection string ("" if unset and not `url_required`) and DBPool keywords."""
     url = environ.get("DATABASE_URL", "").strip()
-    if not url:
+    if not url and url_required:
         raise ConfigurationError(
             f"DATABASE_URL is not set. Set it to a PostgreSQL URL such as {_EXAMPLE_URL}."
         )
     try:
-        _dsn.parse(url)
+        if url:
+            _dsn.parse(url)
     except psycopg.Error as ex:
         raise ConfigurationError(
             f"DATABASE_URL is malformed ({_dsn.scrub(str(ex))}). Expected a URL such as "

@@ -123,16 +123,15 @@ class DBPool:
         import can be imported: the plugin's fixtures bind the pool to a test database,
         and opening it any other way raises `ConfigurationError`.
         """
-        source = os.environ if environ is None else environ
-        if (
-            environ is None
-            and _pinned.plugin_sessions
-            and not source.get("DATABASE_URL", "").strip()
-        ):
-            db = cls(**{**_env.read({**source, "DATABASE_URL": "postgresql://"})[1], **overrides})
+        # Under the plugin (os.environ only), a missing URL is left for a test to bind.
+        unbound_ok = environ is None and _pinned.plugin_sessions > 0
+        url, settings = _env.read(
+            os.environ if environ is None else environ, url_required=not unbound_ok
+        )
+        if not url:
+            db = cls(**{**settings, **overrides})
             db._unbound = True
             return db
-        url, settings = _env.read(source)
         return cls(url, **{**settings, **overrides})
 
     def _with_our_defaults(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:

@@ -116,17 +116,11 @@ class Pinned:
         return not self.broken
 
     async def _end_checkout(self, conn: GuardedConnection, timeout: float) -> None:
-        pending = conn._dbpool_cancel_done
-        if pending is not None:
-            await pending.wait()
-        if conn.pgconn.transaction_status == TransactionStatus.ACTIVE:
-            await conn.cancel_safe(timeout=timeout)
-        async with conn.lock:
-            pass
+        clean = await _cleanup.quiesce(conn, timeout)
         if conn.closed:
             self._break("the connection was closed")
             return
-        if conn._num_transactions or conn._pipeline is not None:
+        if not clean:
             self._break("a conn.transaction() or conn.pipeline() block outlived its checkout")
             return
         status = conn.pgconn.transaction_status

@@ -147,7 +147,8 @@ class PoolRuntime:
             if control is not None:
                 control.leases.add(lease)
             try:
-                if not conn.closed if self.pinned else await _alive(conn):
+                alive = not conn.closed if self.pinned is not None else await _alive(conn)
+                if alive:
                     left = control.remaining() if control is not None else None
                     if left is not None or conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
                         await apply_statement_timeout(conn, None if left is None else max(left, 0))
