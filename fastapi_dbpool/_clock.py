@@ -8,6 +8,7 @@ Here a request joins a 10 ms slot, leaves it in O(1), and one timer serves the e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import math
 import time
@@ -29,6 +30,9 @@ class Clock:
         self._order: list[int] = []  # a heap of the keys of `_slots`
         self._timer: asyncio.TimerHandle | None = None
         self._timer_slot = math.inf
+        # call_later() would copy the context of whichever request armed the timer, keeping
+        # that request's objects alive until the tick and running every item's due() in it.
+        self._context = contextvars.Context()
 
     def add(self, at: float, item: Due) -> int:
         """Call `item.due()` at about `at` (time.monotonic()); returns the key for `remove`."""
@@ -52,7 +56,7 @@ class Clock:
             self._timer.cancel()
         self._timer_slot = slot
         self._timer = self.loop.call_later(
-            max(slot * RESOLUTION - time.monotonic(), 0.0), self._tick
+            max(slot * RESOLUTION - time.monotonic(), 0.0), self._tick, context=self._context
         )
 
     def _tick(self) -> None:

@@ -205,6 +205,9 @@ class PoolRuntime:
             self.leases.discard(lease)
             if lease.control is not None:
                 lease.control.leases.discard(lease)
+            # The request's context keeps its lease (see request_lease) and outlives it in
+            # whatever copied it (every timer psycopg starts): keep that small and acyclic.
+            lease.task = lease.control = None
 
     def _give_back_later(self, conn: GuardedConnection) -> None:
         task = self.loop.create_task(

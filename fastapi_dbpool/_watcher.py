@@ -25,6 +25,15 @@ logger = logging.getLogger("fastapi_dbpool")
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _WATCH_AFTER = 0.25  # a request still running after this is watched for a disconnect
 _stoppers: set[asyncio.Task[None]] = set()  # referenced until done (the loop holds weak refs)
+_ENDED_SCOPE: Scope = {"type": "http"}
+
+
+async def _ended_receive() -> Message:
+    return _DISCONNECT
+
+
+async def _ended_send(message: Message) -> None:
+    raise RuntimeError("The request has ended: nothing more can be sent.")
 
 
 class _Relay:
@@ -103,8 +112,19 @@ class Watcher(RequestControl):
                         self.stopping = "deadline"  # PostgreSQL's statement_timeout
         finally:
             self._stop_watching()
-        if self.stopping is not None:
-            await self._answer()
+        try:
+            if self.stopping is not None:
+                await self._answer()
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop the request's objects: the request's context keeps this, and psycopg copies
+        that context into a timer at every wait, kept for a while after the request ends."""
+        self.scope = _ENDED_SCOPE
+        self.real_receive = _ended_receive
+        self.real_send = _ended_send
+        self.relay = self.pump = None
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -150,7 +170,7 @@ class Watcher(RequestControl):
             self.pump.cancel()
 
     def _trigger(self, reason: str) -> None:
-        if self.stopping is not None or self.complete:
+        if self.stopping is not None or self.complete or not self.active:
             return
         if reason == "deadline" and self.committing:
             return  # the handler returned and its COMMIT is under way: let the response out

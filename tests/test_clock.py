@@ -1,6 +1,7 @@
 """The middleware's shared deadline clock: never early, at most one resolution late."""
 
 import asyncio
+import contextvars
 import math
 import time
 
@@ -35,3 +36,20 @@ async def test_an_item_is_never_due_before_its_time_even_in_the_next_slot() -> N
         assert len(item.called) == 1
         assert item.called[0] >= item.at
         assert item.called[0] - item.at < RESOLUTION + 0.05  # late by a slot at most (+ slack)
+
+
+async def test_items_are_due_outside_the_context_of_whoever_armed_the_timer() -> None:
+    """The timer copied the context of the request that armed it: that request's objects
+    stayed alive until the tick, and every other request's deadline ran in its context."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+
+    class Seen(Item):
+        def due(self) -> None:
+            seen.append(var.get())
+
+    clock = Clock(asyncio.get_running_loop())
+    var.set("the first request")
+    clock.add(time.monotonic() + RESOLUTION, Seen(0))
+    await asyncio.sleep(3 * RESOLUTION + 0.02)
+    assert seen == ["none"]
