@@ -136,7 +136,7 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
         close_now(tx.connection)
 
 
-def _ready_for_next(conn: AsyncConnection[Any]) -> bool:
+def ready_for_next(conn: AsyncConnection[Any]) -> bool:
     """Whether `conn` can go back as it is: idle in autocommit, nothing open, nothing pending."""
     pgconn = conn.pgconn
     pending = getattr(conn, "_dbpool_cancel_done", None)
@@ -186,7 +186,7 @@ async def give_back(
     replaces it. Returns whether it went back healthy. Never raises, and never swallows a
     cancellation: callers re-raise what they were handling.
     """
-    if not pool.closed and _ready_for_next(conn):
+    if not pool.closed and ready_for_next(conn):
         # The common case needs no await that can suspend: with the pool open and a reset
         # callback set, putconn() only queues the return (see DBPool), so no cancellation
         # can land here and neither a shield nor a timeout is needed.

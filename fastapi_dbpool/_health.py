@@ -75,5 +75,5 @@ async def _unready_reason(runtime: PoolRuntime | None, timeout: float) -> str | 
 def _figures(runtime: PoolRuntime | None) -> dict[str, int]:
     if runtime is None:
         return {}
-    stats = runtime.pool.get_stats()
+    stats = runtime.pool_stats()
     return {ours: int(stats.get(theirs, 0)) for ours, theirs in _FIGURES.items()}

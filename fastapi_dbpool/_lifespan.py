@@ -178,7 +178,7 @@ class DBPool:
 
     def _snapshot(self, runtime: PoolRuntime) -> PoolStats:
         """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
-        return snapshot(self.name, runtime.pool.get_stats(), runtime.counters, runtime.watchdog)
+        return snapshot(self.name, runtime.pool_stats(), runtime.counters, runtime.watchdog)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -250,6 +250,10 @@ class DBPool:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
                 runtime = PoolRuntime(pool, self._settings)
+                runtime.hand_over = (
+                    self._pool_kwargs["reset"] is _keep_as_is
+                    and self._pool_kwargs.get("check") is None
+                )
                 if bound is not None:
                     runtime.loop_hint = bound.hint
                     if bound.isolate:
@@ -276,6 +280,7 @@ class DBPool:
 
     async def _close(self, runtime: PoolRuntime) -> None:
         runtime.closing = True
+        runtime.wake_all()
         for lease in list(runtime.leases):
             logger.warning(
                 "pool %r: a connection is still checked out at shutdown (%r); cancelling its "

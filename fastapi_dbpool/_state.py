@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import select
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from .errors import (
 logger = logging.getLogger("fastapi_dbpool")
 STATE_KEY = "fastapi_dbpool"
 _EXHAUSTION_LOG_EVERY = 10.0
+_TIMED_OUT: Any = object()  # what a waiter's future holds when its time ran out
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,22 @@ class PoolRuntime:
         self.counters = Counters()
         self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
         self.loop_hint = ""  # how a test started the app, for WrongEventLoopError
+        # Hand-over: while every connection is out, a release gives its connection straight
+        # to the first waiting checkout instead of through psycopg_pool (putconn, a worker
+        # task, the pool's lock, a waiting client's wait_for task): a third of the pool's
+        # cost per request under load. Off when psycopg_pool must see every return (a
+        # user's reset or check).
+        self.hand_over = False
+        self.out = 0  # connections psycopg_pool handed to us and we have not given back
+        self.waiting = 0  # checkouts waiting for a hand-over
+        self._waiters: deque[asyncio.Future[GuardedConnection | None]] = deque()
+        self._no_context = contextvars.Context()  # for timers: keep no request's objects
+
+    def pool_stats(self) -> dict[str, int]:
+        """psycopg_pool's ``get_stats()``, counting checkouts waiting for a hand-over too."""
+        stats = self.pool.get_stats()
+        stats["requests_waiting"] = stats.get("requests_waiting", 0) + self.waiting
+        return stats
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoopError` unless called on the loop that opened the pool."""
@@ -128,7 +147,7 @@ class PoolRuntime:
                 if self.pinned is not None:
                     conn = await self.pinned.take(wait)
                 else:
-                    conn = await self.pool.getconn(timeout=wait)
+                    conn = await self._checkout(deadline, limit)
             except (PoolTimeout, TooManyRequests) as ex:
                 if by_deadline and isinstance(ex, PoolTimeout):
                     self.counters.deadline_exceeded += 1
@@ -163,6 +182,94 @@ class PoolRuntime:
             _cleanup.close_now(conn)
             await self.release(lease)
 
+    async def _checkout(self, deadline: float, limit: float) -> GuardedConnection:
+        """A connection from psycopg_pool, or handed over by a release while all are out."""
+        while self.hand_over and not self.closing and self.out >= self.pool.max_size:
+            conn = await self._wait_for_hand_over(deadline, limit)
+            if conn is not None:
+                return conn
+            # None: a connection went back to psycopg_pool, which has room again
+        try:
+            conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            if self.out < self.pool.max_size:
+                self._wake_one()  # this may have been a waiter's turn: pass it on
+            raise
+        assert isinstance(conn, GuardedConnection)
+        self.out += 1
+        return conn
+
+    async def _wait_for_hand_over(self, deadline: float, limit: float) -> GuardedConnection | None:
+        max_waiting = self.pool.max_waiting
+        if max_waiting and self.waiting >= max_waiting:
+            raise TooManyRequests(
+                f"the pool {self.pool.name!r} already has {self.waiting} requests waiting"
+            )
+        loop = self.loop
+        waiter: asyncio.Future[GuardedConnection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        self.waiting += 1
+        timer = loop.call_at(
+            loop.time() + max(deadline - time.monotonic(), 0.0),
+            _expire,
+            waiter,
+            context=self._no_context,
+        )
+        try:
+            conn = await waiter
+        except BaseException:
+            # Cancelled, perhaps just after a release handed this waiter its connection
+            # or its turn: pass either on, or a pool slot is lost.
+            if waiter.done() and not waiter.cancelled():
+                got = waiter.result()
+                if isinstance(got, GuardedConnection):
+                    self._pass_on(got)
+                elif got is None:
+                    self._wake_one()
+            raise
+        finally:
+            timer.cancel()
+            self.waiting -= 1
+        if conn is _TIMED_OUT:
+            raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec")
+        return conn
+
+    def _hand_over(self, conn: GuardedConnection) -> bool:
+        """Give `conn` to the first waiting checkout, if there is one and `conn` may go as is."""
+        if self.closing or not _cleanup.ready_for_next(conn) or _stale(self.pool, conn):
+            return False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _pass_on(self, conn: GuardedConnection) -> None:
+        """A connection handed to a checkout that was cancelled before it could take it."""
+        if not self._hand_over(conn):
+            self._given_back()
+            self._give_back_later(conn)
+
+    def _given_back(self) -> None:
+        """A connection is on its way back to psycopg_pool: a waiter may ask it now."""
+        self.out -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        """At shutdown: every waiting checkout asks psycopg_pool, which refuses it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
     @asynccontextmanager
     async def lease(
         self, timeout: float | None = None, *, for_request: bool, stream: bool = False
@@ -183,7 +290,10 @@ class PoolRuntime:
         try:
             if self.pinned is not None:
                 healthy = await self.pinned.give_back(self.settings.release_timeout)
+            elif self._waiters and self._hand_over(conn):
+                healthy = True
             else:
+                self._given_back()
                 if conn._dbpool_returned_to is not self:
                     conn._dbpool_returned_to = self
                     self.returned.add(conn)
@@ -234,6 +344,25 @@ class PoolRuntime:
                 ex,
                 self.pool.get_stats(),
             )
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
+def _stale(pool: AsyncConnectionPool[Any], conn: GuardedConnection) -> bool:
+    """Whether psycopg_pool would close `conn` on its return (max_lifetime, drain()).
+
+    Reads psycopg_pool's own bookkeeping; if that is not there, every connection is stale:
+    each goes back through psycopg_pool, as without the hand-over.
+    """
+    expire_at = getattr(conn, "_expire_at", None)
+    created_at = getattr(conn, "_created_at", None)
+    drained_at = getattr(pool, "_drained_at", None)
+    if expire_at is None or created_at is None or drained_at is None:
+        return True
+    return bool(expire_at <= time.monotonic() or created_at <= drained_at)
 
 
 async def _alive(conn: GuardedConnection) -> bool:

@@ -207,7 +207,7 @@ async def test_max_waiting_sheds_load(database_url: str, app_name: str) -> None:
 
     async with serve(app, db) as client:
         tasks = [asyncio.create_task(client.get("/hold")) for _ in range(2)]
-        while db.pool.get_stats().get("requests_waiting", 0) < 1:
+        while db.stats().requests_waiting < 1:
             await asyncio.sleep(0.01)
         r = await client.get("/hold")
         assert r.status_code == 503

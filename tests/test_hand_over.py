@@ -1,0 +1,144 @@
+"""While every connection is out, a release hands its connection straight to a waiting checkout.
+
+The hand-over skips psycopg_pool's return path, so it must keep what that path guarantees:
+no pool slot lost to a cancellation, max_lifetime and drain() obeyed, the waiting counted.
+"""
+
+import asyncio
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from fastapi_dbpool import DBPool, PoolNotRunningError
+
+from .conftest import Server, make_db, pid_of
+
+pytestmark = pytest.mark.anyio
+
+
+async def _take(db: DBPool, got: dict[str, int], name: str) -> None:
+    async with db.connection(timeout=5) as conn:
+        got[name] = await pid_of(conn)
+
+
+async def _until_waiting(db: DBPool, count: int) -> None:
+    async with asyncio.timeout(5):
+        while db.stats().requests_waiting < count:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("given", ["connection", "turn", "turn, then cancelled in psycopg_pool"])
+async def test_a_checkout_cancelled_as_it_is_handed_over_to_passes_it_on(
+    database_url: str, app_name: str, server: Server, given: str
+) -> None:
+    """A waiter handed a connection (or, when the released one was broken, its turn to ask
+    psycopg_pool for a new one) and cancelled before it took it, or while it waited for
+    psycopg_pool: the next waiter gets it, rather than wait out its timeout for a slot
+    nobody holds."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    got: dict[str, int] = {}
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            first = await pid_of(conn)
+            second = asyncio.create_task(_take(db, got, "second"))
+            await _until_waiting(db, 1)
+            third = asyncio.create_task(_take(db, got, "third"))
+            await _until_waiting(db, 2)
+            if given != "connection":
+                conn.pgconn.finish()  # broken: it goes back to psycopg_pool, which replaces it
+        if given == "turn, then cancelled in psycopg_pool":
+            async with asyncio.timeout(5):
+                while db.pool.get_stats().get("requests_waiting", 0) < 1:
+                    await asyncio.sleep(0.001)
+        second.cancel()  # else right after the release handed it over, synchronously
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        async with asyncio.timeout(4):  # well before the third one's own 5 s timeout
+            await third
+        assert "second" not in got
+        assert (got["third"] == first) is (given == "connection")
+        assert server.wait_until(lambda states: states == ["idle"]) == ["idle"]
+        assert db.stats().requests_waiting == 0
+        async with db.connection(timeout=1) as conn:  # the one slot is still there
+            assert await pid_of(conn) == got["third"]
+
+
+async def test_a_connection_past_its_lifetime_is_not_handed_over(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """psycopg_pool closes a connection past max_lifetime when it comes back; one handed
+    straight to the next request would never come back while the app stays busy."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1, max_lifetime=0.5)
+    got: dict[str, int] = {}
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            old = await pid_of(conn)
+            waiter = asyncio.create_task(_take(db, got, "next"))
+            await _until_waiting(db, 1)
+            await asyncio.sleep(0.6)
+        await waiter
+        assert got["next"] != old
+        pids = [r[0] for r in server.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", app_name
+        )]  # fmt: skip
+        assert old not in pids
+
+
+async def test_drain_reaches_connections_that_never_went_back(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    got: dict[str, int] = {}
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            old = await pid_of(conn)
+            waiter = asyncio.create_task(_take(db, got, "next"))
+            await _until_waiting(db, 1)
+            await db.pool.drain()
+        await waiter
+        assert got["next"] != old
+
+
+async def test_waiters_are_told_at_shutdown_not_left_to_time_out(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name, min_size=1, max_size=1, acquire_timeout=20)
+    app = FastAPI()
+    errors: list[BaseException] = []
+
+    async def wait_for_one() -> Any:
+        try:
+            async with db.connection():
+                pass
+        except PoolNotRunningError as ex:
+            errors.append(ex)
+
+    async with asyncio.timeout(10):  # not the 20 s of acquire_timeout
+        async with db.lifespan(app):
+            holder = await db._running().acquire(for_request=False)
+            waiter = asyncio.create_task(wait_for_one())
+            await _until_waiting(db, 1)
+        await waiter
+    assert len(errors) == 1
+    assert holder.conn.closed
+
+
+async def test_a_users_reset_sees_every_return(database_url: str, app_name: str) -> None:
+    """psycopg_pool runs the user's `reset` on each connection that comes back; with one set,
+    nothing is handed over past it."""
+    resets: list[int] = []
+
+    async def reset(conn: Any) -> None:
+        resets.append(conn.info.backend_pid)
+
+    db = make_db(database_url, app_name, min_size=1, max_size=1, reset=reset)
+    got: dict[str, int] = {}
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            pid = await pid_of(conn)
+            waiter = asyncio.create_task(_take(db, got, "next"))
+            await asyncio.sleep(0.1)  # waiting, in psycopg_pool's queue
+        await waiter
+    assert got["next"] == pid
+    assert resets[:1] == [pid]
