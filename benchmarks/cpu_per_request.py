@@ -5,7 +5,8 @@
 
 Uses ``DATABASE_URL`` or an embedded PostgreSQL. Each app (a factory, as for uvicorn) runs
 its lifespan in this process; batches of requests with 32 at a time go to each app in
-turn, straight through ASGI (no server, no sockets), for several rounds. Prints the median
+turn, each request in a task of its own as a server runs it, straight through ASGI (no
+server, no sockets), for several rounds. Prints the median
 process CPU per request of each app and its speed relative to the first app (the median
 of per-round ratios).
 """
@@ -35,6 +36,8 @@ async def _batch(app: Any, state: dict[str, Any], path: str, requests: int) -> N
     async def send(message: dict[str, Any]) -> None:
         pass
 
+    loop = asyncio.get_running_loop()
+
     async def client(count: int) -> None:
         for _ in range(count):
             scope = {
@@ -43,7 +46,7 @@ async def _batch(app: Any, state: dict[str, Any], path: str, requests: int) -> N
                 "query_string": b"", "root_path": "", "headers": [(b"host", b"x")],
                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": dict(state),
             }  # fmt: skip
-            await app(scope, receive, send)
+            await loop.create_task(app(scope, receive, send))  # a task per request, as servers do
 
     await asyncio.gather(*(client(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
 

@@ -64,40 +64,32 @@ async def test_a_checkout_cancelled_as_it_is_handed_over_to_passes_it_on(
             assert await pid_of(conn) == got["third"]
 
 
-async def test_a_connection_past_its_lifetime_is_not_handed_over(
-    database_url: str, app_name: str, server: Server
+@pytest.mark.parametrize("why", ["max_lifetime", "drain"])
+async def test_a_connection_psycopg_pool_would_replace_is_not_handed_over(
+    database_url: str, app_name: str, server: Server, why: str
 ) -> None:
-    """psycopg_pool closes a connection past max_lifetime when it comes back; one handed
-    straight to the next request would never come back while the app stays busy."""
-    db = make_db(database_url, app_name, min_size=1, max_size=1, max_lifetime=0.5)
+    """psycopg_pool closes a connection past max_lifetime, or older than a drain(), when it
+    comes back; one handed straight to the next request would never come back while the
+    app stays busy."""
+    lifetime = {"max_lifetime": 0.5} if why == "max_lifetime" else {}
+    db = make_db(database_url, app_name, min_size=1, max_size=1, **lifetime)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
         async with db.connection() as conn:
             old = await pid_of(conn)
             waiter = asyncio.create_task(_take(db, got, "next"))
             await _until_waiting(db, 1)
-            await asyncio.sleep(0.6)
+            if why == "drain":
+                await db.pool.drain()
+            else:
+                await asyncio.sleep(0.6)
         await waiter
         assert got["next"] != old
+        assert server.wait_until(lambda states: len(states) == 1) == ["idle"]  # old one closed
         pids = [r[0] for r in server.query(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", app_name
         )]  # fmt: skip
-        assert old not in pids
-
-
-async def test_drain_reaches_connections_that_never_went_back(
-    database_url: str, app_name: str
-) -> None:
-    db = make_db(database_url, app_name, min_size=1, max_size=1)
-    got: dict[str, int] = {}
-    async with db.lifespan(FastAPI()):
-        async with db.connection() as conn:
-            old = await pid_of(conn)
-            waiter = asyncio.create_task(_take(db, got, "next"))
-            await _until_waiting(db, 1)
-            await db.pool.drain()
-        await waiter
-        assert got["next"] != old
+        assert pids == [got["next"]]
 
 
 async def test_waiters_are_told_at_shutdown_not_left_to_time_out(
