@@ -36,7 +36,18 @@ async def test_a_checkout_cancelled_as_it_is_handed_over_to_passes_it_on(
     psycopg_pool for a new one) and cancelled before it took it, or while it waited for
     psycopg_pool: the next waiter gets it, rather than wait out its timeout for a slot
     nobody holds."""
-    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    in_pool = given == "turn, then cancelled in psycopg_pool"
+    connected = asyncio.Event()  # until set, a replacement connection is not ready
+    connections: list[Any] = []
+
+    async def configure(conn: Any) -> None:
+        connections.append(conn)
+        if len(connections) > 1:  # a replacement
+            await connected.wait()
+
+    if not in_pool:
+        connected.set()
+    db = make_db(database_url, app_name, min_size=1, max_size=1, configure=configure)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
         async with db.connection() as conn:
@@ -47,13 +58,14 @@ async def test_a_checkout_cancelled_as_it_is_handed_over_to_passes_it_on(
             await _until_waiting(db, 2)
             if given != "connection":
                 conn.pgconn.finish()  # broken: it goes back to psycopg_pool, which replaces it
-        if given == "turn, then cancelled in psycopg_pool":
+        if in_pool:
             async with asyncio.timeout(5):
                 while db.pool.get_stats().get("requests_waiting", 0) < 1:
                     await asyncio.sleep(0.001)
         second.cancel()  # else right after the release handed it over, synchronously
         with pytest.raises(asyncio.CancelledError):
             await second
+        connected.set()
         async with asyncio.timeout(4):  # well before the third one's own 5 s timeout
             await third
         assert "second" not in got
