@@ -29,7 +29,16 @@ class RequestControl:
     `CancellationMiddleware` makes one per request (its `Watcher` subclass enforces it).
     """
 
-    __slots__ = ("active", "cap", "committing", "deadline", "leases", "start", "stopping")
+    __slots__ = (
+        "active",
+        "cap",
+        "committing",
+        "deadline",
+        "leases",
+        "ran_out_in_pool",
+        "start",
+        "stopping",
+    )
 
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
@@ -39,6 +48,7 @@ class RequestControl:
         self.active = True  # False once the response is complete: later work is not bounded
         self.stopping: str | None = None  # why the middleware is cancelling the request
         self.committing = False  # a TransactionDep COMMIT has begun: the deadline waits for it
+        self.ran_out_in_pool = False  # counted as deadline_exceeded, waiting for a connection
 
     def _deadline_for(self, budget: float | None) -> float:
         if budget is None:

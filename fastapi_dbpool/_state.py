@@ -126,6 +126,7 @@ class PoolRuntime:
             if remaining is not None and remaining < limit:
                 if remaining <= 0:
                     self.counters.deadline_exceeded += 1
+                    control.ran_out_in_pool = True
                     raise DeadlineExceededError()
                 limit, by_deadline = remaining, True
         else:
@@ -150,7 +151,9 @@ class PoolRuntime:
                     conn = await self._checkout(deadline, limit)
             except (PoolTimeout, TooManyRequests) as ex:
                 if by_deadline and isinstance(ex, PoolTimeout):
+                    assert control is not None
                     self.counters.deadline_exceeded += 1
+                    control.ran_out_in_pool = True
                     raise DeadlineExceededError() from ex
                 self.counters.exhausted += 1
                 self._log_exhaustion(ex)

@@ -114,6 +114,11 @@ class Watcher(RequestControl):
             self._stop_watching()
         try:
             if self.stopping is not None:
+                runtime = find_runtime(self.scope)
+                # Counted here, once the handler is done: a deadline that ran out while it
+                # waited for a connection is counted there, even if this cut came first.
+                if runtime is not None and not self.ran_out_in_pool:
+                    runtime.counters.cancelled_requests += 1
                 await self._answer()
         finally:
             self._forget()
@@ -176,9 +181,6 @@ class Watcher(RequestControl):
             return  # the handler returned and its COMMIT is under way: let the response out
         self.stopping = reason
         self._stop_watching()
-        runtime = find_runtime(self.scope)
-        if runtime is not None:
-            runtime.counters.cancelled_requests += 1
         logger.info(
             "cancelling %s %s: %s",
             self.scope.get("method"),

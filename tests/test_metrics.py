@@ -93,3 +93,23 @@ async def test_stats_and_prometheus_count_what_happened(database_url: str, app_n
     with pytest.raises(PoolNotRunningError):
         db.stats()
     assert "postgres" not in text
+
+
+async def test_a_deadline_that_runs_out_in_the_pool_is_counted_once(
+    database_url: str, app_name: str
+) -> None:
+    """When the loop is late, the pool's wait and the middleware's deadline come due in the
+    same turn: the request was counted both as a deadline in the pool and as cut."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1, acquire_timeout=5)
+    async with serve(busy_app(db), db) as client:
+        holder = asyncio.create_task(client.get("/sleep"))
+        await asyncio.sleep(0.1)
+        cut = asyncio.create_task(client.get("/query", headers={"X-Request-Timeout": "0.1"}))
+        async with asyncio.timeout(5):
+            while db.stats().requests_waiting < 1:
+                await asyncio.sleep(0.005)
+        time.sleep(0.2)  # noqa: ASYNC251 (the loop is late: both are due at once)
+        assert (await cut).status_code == 504
+        assert (await holder).status_code == 200
+        stats = db.stats()
+        assert (stats.deadline_exceeded, stats.cancelled_requests) == (1, 0)
