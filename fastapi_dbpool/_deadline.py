@@ -150,8 +150,7 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
 async def _set(conn: GuardedConnection, ms: int | None) -> None:
     if ms is None:
         return
-    conn._dbpool_timeout_ms = (
-        UNKNOWN_TIMEOUT  # if the SET is interrupted, the next checkout redoes it
-    )
+    # if the SET is interrupted, the next checkout sets it again
+    conn._dbpool_timeout_ms = UNKNOWN_TIMEOUT
     await conn.execute(f"SET statement_timeout = {int(ms)}")
     conn._dbpool_timeout_ms = ms

@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 
 from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
-from ._deadline import apply_statement_timeout, current_control
+from ._deadline import RequestControl, apply_statement_timeout, current_control
 from ._metrics import Counters
 from ._pinned import Pinned
 from ._watchdog import LoopWatchdog
@@ -125,9 +125,7 @@ class PoolRuntime:
             remaining = control.remaining()
             if remaining is not None and remaining < limit:
                 if remaining <= 0:
-                    self.counters.deadline_exceeded += 1
-                    control.ran_out_in_pool = True
-                    raise DeadlineExceededError()
+                    raise self._ran_out(control)
                 limit, by_deadline = remaining, True
         else:
             control = None
@@ -144,17 +142,14 @@ class PoolRuntime:
         shared = stream or (for_request and self.settings.allow_concurrent_tasks)
         while True:
             try:
-                wait = max(deadline - time.monotonic(), 0.0)
                 if self.pinned is not None:
-                    conn = await self.pinned.take(wait)
+                    conn = await self.pinned.take(max(deadline - time.monotonic(), 0.0))
                 else:
                     conn = await self._checkout(deadline, limit)
             except (PoolTimeout, TooManyRequests) as ex:
                 if by_deadline and isinstance(ex, PoolTimeout):
                     assert control is not None
-                    self.counters.deadline_exceeded += 1
-                    control.ran_out_in_pool = True
-                    raise DeadlineExceededError() from ex
+                    raise self._ran_out(control) from ex
                 self.counters.exhausted += 1
                 self._log_exhaustion(ex)
                 raise PoolExhaustedError(
@@ -185,6 +180,12 @@ class PoolRuntime:
             _cleanup.close_now(conn)
             await self.release(lease)
 
+    def _ran_out(self, control: RequestControl) -> DeadlineExceededError:
+        """The request's deadline came while it waited for a connection: count it once."""
+        self.counters.deadline_exceeded += 1
+        control.ran_out_in_pool = True  # not counted again as a cut by the middleware
+        return DeadlineExceededError()
+
     async def _checkout(self, deadline: float, limit: float) -> GuardedConnection:
         """A connection from psycopg_pool, or handed over by a release while all are out."""
         while self.hand_over and not self.closing and self.out >= self.pool.max_size:
@@ -212,11 +213,8 @@ class PoolRuntime:
         waiter: asyncio.Future[GuardedConnection | None] = loop.create_future()
         self._waiters.append(waiter)
         self.waiting += 1
-        timer = loop.call_at(
-            loop.time() + max(deadline - time.monotonic(), 0.0),
-            _expire,
-            waiter,
-            context=self._no_context,
+        timer = loop.call_later(
+            max(deadline - time.monotonic(), 0.0), _expire, waiter, context=self._no_context
         )
         try:
             conn = await waiter
@@ -241,37 +239,38 @@ class PoolRuntime:
         """Give `conn` to the first waiting checkout, if there is one and `conn` may go as is."""
         if self.closing or not _cleanup.ready_for_next(conn) or _stale(self.pool, conn):
             return False
+        return self._answer_first(conn)
+
+    def _answer_first(self, answer: GuardedConnection | None) -> bool:
+        """Give `answer` (a connection, or None: ask psycopg_pool) to the first waiter left."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
+            if not waiter.done():  # done: its time ran out, or it was cancelled
+                waiter.set_result(answer)
                 return True
         return False
 
     def _pass_on(self, conn: GuardedConnection) -> None:
         """A connection handed to a checkout that was cancelled before it could take it."""
         if not self._hand_over(conn):
-            self._given_back()
+            self._given_back(conn)
             self._give_back_later(conn)
 
-    def _given_back(self) -> None:
-        """A connection is on its way back to psycopg_pool: a waiter may ask it now."""
+    def _given_back(self, conn: GuardedConnection) -> None:
+        """`conn` is on its way back to psycopg_pool: a waiter may ask it now."""
         self.out -= 1
         self._wake_one()
+        if conn._dbpool_returned_to is not self:  # see `returned`
+            conn._dbpool_returned_to = self
+            self.returned.add(conn)
 
     def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        self._answer_first(None)
 
     def wake_all(self) -> None:
         """At shutdown: every waiting checkout asks psycopg_pool, which refuses it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        while self._answer_first(None):
+            pass
 
     @asynccontextmanager
     async def lease(
@@ -296,10 +295,7 @@ class PoolRuntime:
             elif self._waiters and self._hand_over(conn):
                 healthy = True
             else:
-                self._given_back()
-                if conn._dbpool_returned_to is not self:
-                    conn._dbpool_returned_to = self
-                    self.returned.add(conn)
+                self._given_back(conn)
                 healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
             if not healthy:
                 self.counters.discarded_on_release += 1
