@@ -5,6 +5,8 @@ no pool slot lost to a cancellation, max_lifetime and drain() obeyed, the waitin
 """
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -26,6 +28,19 @@ async def _until_waiting(db: DBPool, count: int) -> None:
     async with asyncio.timeout(5):
         while db.stats().requests_waiting < count:
             await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _one_waiting(
+    db: DBPool, got: dict[str, int], name: str
+) -> AsyncIterator[tuple[Any, int, asyncio.Task[None]]]:
+    """The only connection held (with its backend pid) while a checkout `name` waits for it;
+    released on exit. The waiter records the pid it gets in `got[name]`."""
+    async with db.connection() as conn:
+        pid = await pid_of(conn)
+        waiter = asyncio.create_task(_take(db, got, name))
+        await _until_waiting(db, 1)
+        yield conn, pid, waiter
 
 
 @pytest.mark.parametrize("given", ["connection", "turn", "turn, then cancelled in psycopg_pool"])
@@ -50,10 +65,7 @@ async def test_a_checkout_cancelled_as_it_is_handed_over_to_passes_it_on(
     db = make_db(database_url, app_name, min_size=1, max_size=1, configure=configure)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
-        async with db.connection() as conn:
-            first = await pid_of(conn)
-            second = asyncio.create_task(_take(db, got, "second"))
-            await _until_waiting(db, 1)
+        async with _one_waiting(db, got, "second") as (conn, first, second):
             third = asyncio.create_task(_take(db, got, "third"))
             await _until_waiting(db, 2)
             if given != "connection":
@@ -87,10 +99,7 @@ async def test_a_connection_psycopg_pool_would_replace_is_not_handed_over(
     db = make_db(database_url, app_name, min_size=1, max_size=1, **lifetime)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
-        async with db.connection() as conn:
-            old = await pid_of(conn)
-            waiter = asyncio.create_task(_take(db, got, "next"))
-            await _until_waiting(db, 1)
+        async with _one_waiting(db, got, "next") as (_, old, waiter):
             if why == "drain":
                 await db.pool.drain()
             else:
@@ -139,10 +148,8 @@ async def test_a_users_reset_sees_every_return(database_url: str, app_name: str)
     db = make_db(database_url, app_name, min_size=1, max_size=1, reset=reset)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
-        async with db.connection() as conn:
-            pid = await pid_of(conn)
-            waiter = asyncio.create_task(_take(db, got, "next"))
-            await asyncio.sleep(0.1)  # waiting, in psycopg_pool's queue
+        async with _one_waiting(db, got, "next") as (_, pid, waiter):
+            pass  # waiting in psycopg_pool's queue
         await waiter
     assert got["next"] == pid
     assert resets[:1] == [pid]
