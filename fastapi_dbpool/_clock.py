@@ -41,9 +41,9 @@ class Clock:
         if items is None:
             items = self._slots[slot] = set()
             heapq.heappush(self._order, slot)
-            if slot < self._timer_slot:
-                self._arm(slot)
         items.add(item)
+        if slot < self._timer_slot:
+            self._arm(slot)
         return slot
 
     def remove(self, slot: int, item: Due) -> None:
@@ -63,8 +63,15 @@ class Clock:
         self._timer, self._timer_slot = None, math.inf
         # slot k holds the items due in ((k-1)*R, k*R]: only a slot whose end has passed is due
         now = math.floor(time.monotonic() / RESOLUTION)
-        while self._order and self._order[0] <= now:
-            for item in self._slots.pop(heapq.heappop(self._order)):
+        order, slots = self._order, self._slots
+        while order and order[0] <= now:
+            for item in slots.pop(heapq.heappop(order)):
                 item.due()
-        if self._order:
-            self._arm(self._order[0])
+        # Aim at the first slot still in use, not the next one: most requests end long
+        # before they are due, and a timer that fired every slot would stand, always
+        # pending, first in the loop's heap of timers, where it keeps asyncio from dropping
+        # cancelled timers early (psycopg's, each holding a finished request's context).
+        while order and not slots[order[0]]:
+            del slots[heapq.heappop(order)]
+        if order:
+            self._arm(order[0])

@@ -53,3 +53,26 @@ async def test_items_are_due_outside_the_context_of_whoever_armed_the_timer() ->
     clock.add(time.monotonic() + RESOLUTION, Seen(0))
     await asyncio.sleep(3 * RESOLUTION + 0.02)
     assert seen == ["none"]
+
+
+async def test_the_timer_waits_for_the_first_slot_still_in_use() -> None:
+    """The timer fired at every slot, even one whose requests had all ended (nearly every
+    slot): always pending, it stood first in the loop's heap of timers, where it kept
+    asyncio from dropping cancelled timers early (psycopg's, each holding a finished
+    request's context), so every request's objects lived on and were promoted by the GC."""
+    clock = Clock(asyncio.get_running_loop())
+    start = time.monotonic()
+    ended = [Item(start + RESOLUTION * k) for k in range(1, 6)]
+    running = Item(start + 0.3)
+    keys = [clock.add(item.at, item) for item in ended]
+    clock.add(running.at, running)
+    for key, item in zip(keys, ended, strict=True):
+        clock.remove(key, item)
+    await asyncio.sleep(2 * RESOLUTION + 0.02)  # the first slot came, and was empty
+    timer = clock._timer
+    assert timer is not None
+    assert timer.when() >= asyncio.get_running_loop().time() + 0.3 - 3 * RESOLUTION - 0.05
+    await asyncio.sleep(running.at - time.monotonic() + 2 * RESOLUTION)
+    assert len(running.called) == 1
+    assert running.called[0] >= running.at
+    assert not any(item.called for item in ended)
