@@ -95,6 +95,8 @@ class GuardedConnection(AsyncConnection[Any]):
     _dbpool_lease: Lease | None = None
     _dbpool_timeout_ms: int | None = None  # statement_timeout as we last set it (None: not)
     _dbpool_base_timeout_ms: int | None = None  # the session's own statement_timeout
+    # (setting, low, high): budgets between low and high need no change of that setting
+    _dbpool_timeout_fits: tuple[int, float, float] | None = None
     _dbpool_gen: object = None  # the statement being waited for
     _dbpool_cancelled_gen: object = None  # the statement the middleware cancelled on the server
     _dbpool_cancel_done: Any = None  # set once the middleware's cancel request was delivered

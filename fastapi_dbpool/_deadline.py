@@ -34,7 +34,8 @@ class RequestControl:
         "cap",
         "committing",
         "deadline",
-        "leases",
+        "lease",
+        "more_leases",
         "ran_out_in_pool",
         "start",
         "stopping",
@@ -43,8 +44,13 @@ class RequestControl:
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
         self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
-        self.deadline = self._deadline_for(budget)
-        self.leases: set[Lease] = set()
+        if cap is None:  # the common case, without a call
+            self.deadline = math.inf if budget is None else self.start + budget
+        else:
+            self.deadline = self._deadline_for(budget)
+        # Leases taken on the request's behalf: nearly always one, so no set until a second.
+        self.lease: Lease | None = None
+        self.more_leases: set[Lease] | None = None
         self.active = True  # False once the response is complete: later work is not bounded
         self.stopping: str | None = None  # why the middleware is cancelling the request
         self.committing = False  # a TransactionDep COMMIT has begun: the deadline waits for it
@@ -62,6 +68,29 @@ class RequestControl:
 
     def _deadline_changed(self) -> None:
         """Hook for the enforcer of the deadline."""
+
+    def hold(self, lease: Lease) -> None:
+        """`lease` was taken on this request's behalf: its statements are the request's."""
+        if self.lease is None:
+            self.lease = lease
+        elif self.more_leases is None:
+            self.more_leases = {lease}
+        else:
+            self.more_leases.add(lease)
+
+    def drop(self, lease: Lease) -> None:
+        """`lease` has ended."""
+        if self.lease is lease:
+            self.lease = None
+        elif self.more_leases is not None:
+            self.more_leases.discard(lease)
+
+    def held(self) -> list[Lease]:
+        """The leases this request holds now."""
+        held = [] if self.lease is None else [self.lease]
+        if self.more_leases:
+            held.extend(self.more_leases)
+        return held
 
     def remaining(self) -> float | None:
         """Seconds left, or None when the request has no deadline (or no longer obeys one)."""
@@ -116,11 +145,32 @@ def _timeout_ms(remaining: float) -> tuple[int, int]:
     return max(1, math.ceil(round(remaining / step, 6)) * step_ms), step_ms
 
 
+def _bucket(remaining: float) -> tuple[float, float]:
+    """The budgets, around `remaining`, that `_timeout_ms` rounds to the same setting."""
+    remaining += STATEMENT_TIMEOUT_MARGIN
+    step = 1.0 if remaining >= 10 else 0.1
+    k = math.ceil(round(remaining / step, 6))
+    low = max((k - 1) * step, 10.0) if step == 1.0 else (k - 1) * step
+    # a hair inside the step, where the rounding above cannot disagree
+    return low - STATEMENT_TIMEOUT_MARGIN + 1e-6, k * step - STATEMENT_TIMEOUT_MARGIN - 1e-6
+
+
+def timeout_fits(conn: GuardedConnection, remaining: float) -> bool:
+    """Whether `conn`'s statement_timeout is already right for `remaining` seconds.
+
+    Checked without a call to the server, and without awaiting: requests of one budget
+    fall in the same step, and this is every checkout's question.
+    """
+    fits = conn._dbpool_timeout_fits
+    return fits is not None and fits[0] == conn._dbpool_timeout_ms and fits[1] < remaining < fits[2]
+
+
 async def apply_statement_timeout(conn: GuardedConnection, remaining: float | None) -> None:
     """Bound each statement on `conn` by `remaining` seconds, or restore the session's own.
 
     The session's own value (connection options, role or database settings, `configure`)
-    is read once per connection; a deadline never loosens it.
+    is read once per connection; a deadline never loosens it. Budgets that need the same
+    setting are remembered for `timeout_fits`.
     """
     if remaining is None:
         if conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
@@ -143,8 +193,10 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
     if current is not None and current != UNKNOWN_TIMEOUT:
         late_enough = want <= current <= want + step_ms
         if late_enough and (not base or current <= base):
+            conn._dbpool_timeout_fits = (current, *_bucket(remaining))
             return
     await _set(conn, want)
+    conn._dbpool_timeout_fits = (want, *_bucket(remaining))
 
 
 async def _set(conn: GuardedConnection, ms: int | None) -> None:

@@ -70,11 +70,13 @@ class CancellationMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        try:
-            cap = self._requested_budget(scope)
-        except ValueError as ex:
-            await send_json(send, 400, str(ex))
-            return
+        cap = None
+        if self.header is not None:
+            try:
+                cap = self._requested_budget(scope)
+            except ValueError as ex:
+                await send_json(send, 400, str(ex))
+                return
         clock = self._clock
         if clock is None or clock.loop is not asyncio.get_running_loop():
             clock = self._clock = Clock(asyncio.get_running_loop())
@@ -88,8 +90,6 @@ class CancellationMiddleware:
             current_control.reset(token)
 
     def _requested_budget(self, scope: Scope) -> float | None:
-        if self.header is None:
-            return None
         for name, value in scope.get("headers", ()):
             if name.lower() == self.header:
                 text = value.decode("latin-1").strip()

@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 
 from . import _cleanup
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
-from ._deadline import RequestControl, apply_statement_timeout, current_control
+from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
 from ._pinned import Pinned
 from ._watchdog import LoopWatchdog
@@ -162,13 +162,17 @@ class PoolRuntime:
             conn._dbpool_lease = lease
             self.leases.add(lease)
             if control is not None:
-                control.leases.add(lease)
+                control.hold(lease)
             try:
                 alive = not conn.closed if self.pinned is not None else await _alive(conn)
                 if alive:
                     left = control.remaining() if control is not None else None
-                    if left is not None or conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
-                        await apply_statement_timeout(conn, None if left is None else max(left, 0))
+                    if left is not None:
+                        left = max(left, 0.0)
+                        if not timeout_fits(conn, left):
+                            await apply_statement_timeout(conn, left)
+                    elif conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
+                        await apply_statement_timeout(conn, None)
                     if for_request:
                         request_lease.set(lease)
                     self.counters.waited(time.monotonic() - started)
@@ -313,7 +317,7 @@ class PoolRuntime:
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
             if lease.control is not None:
-                lease.control.leases.discard(lease)
+                lease.control.drop(lease)
             # The request's context keeps its lease (see request_lease) and outlives it in
             # whatever copied it (every timer psycopg starts): keep that small and acyclic.
             lease.task = lease.control = None

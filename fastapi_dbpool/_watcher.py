@@ -89,7 +89,7 @@ class Watcher(RequestControl):
         self.read_ahead = read_ahead
         self.clock = clock
         self.loop = clock.loop
-        self.cancel_scope = cancel_scope
+        self.cancel_scope: anyio.CancelScope | None = cancel_scope
         self.started = self.complete = self.disconnected = self.reading = False
         self.watch_at = self.start + _WATCH_AFTER
         self.slot: int | None = None
@@ -100,26 +100,36 @@ class Watcher(RequestControl):
         self.scope = scope
         self.real_receive = receive
         self.real_send = send
-        self._arm_timer()
+        cancel_scope = self.cancel_scope
+        assert cancel_scope is not None
+        # due when watching for a disconnect starts (the deadline is later, or none)
+        at = self.watch_at if self.watch_at < self.deadline else self.deadline
+        self.slot = self.clock.add(at, self)
         try:
-            with self.cancel_scope:
+            with cancel_scope:
                 try:
-                    await self.app(self.scope, self._receive, self._send)
+                    await self.app(scope, self._receive, self._send)
                 except (QueryCanceled, ClientDisconnect):
                     if self.stopping is None:
                         if time.monotonic() < self.deadline:
                             raise  # not a consequence of a cut: the app's to handle
                         self.stopping = "deadline"  # PostgreSQL's statement_timeout
-        finally:
+        except BaseException:
             self._stop_watching()
+            self._forget()
+            raise
+        if self.active or self.pump is not None:  # else stopped when the response ended
+            self._stop_watching()
+        if self.stopping is None:
+            self._forget()
+            return
         try:
-            if self.stopping is not None:
-                runtime = find_runtime(self.scope)
-                # Counted here, once the handler is done: a deadline that ran out while it
-                # waited for a connection is counted there, even if this cut came first.
-                if runtime is not None and not self.ran_out_in_pool:
-                    runtime.counters.cancelled_requests += 1
-                await self._answer()
+            runtime = find_runtime(self.scope)
+            # Counted here, once the handler is done: a deadline that ran out while it
+            # waited for a connection is counted there, even if this cut came first.
+            if runtime is not None and not self.ran_out_in_pool:
+                runtime.counters.cancelled_requests += 1
+            await self._answer()
         finally:
             self._forget()
 
@@ -130,6 +140,7 @@ class Watcher(RequestControl):
         self.real_receive = _ended_receive
         self.real_send = _ended_send
         self.relay = self.pump = None
+        self.cancel_scope = None
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -138,7 +149,9 @@ class Watcher(RequestControl):
 
     def _arm_timer(self) -> None:
         """Be due at the deadline, or when watching for a disconnect starts if sooner."""
-        self._leave_clock()
+        if self.slot is not None:
+            self.clock.remove(self.slot, self)
+            self.slot = None
         if not self.active:
             return
         at = self.deadline
@@ -163,14 +176,11 @@ class Watcher(RequestControl):
                 self.pump = self.loop.create_task(self._watch_receive(self.relay))
         self._arm_timer()
 
-    def _leave_clock(self) -> None:
+    def _stop_watching(self) -> None:
+        self.active = False
         if self.slot is not None:
             self.clock.remove(self.slot, self)
             self.slot = None
-
-    def _stop_watching(self) -> None:
-        self.active = False
-        self._leave_clock()
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 
@@ -193,11 +203,13 @@ class Watcher(RequestControl):
 
     async def _cancel(self) -> None:
         """Server first: stop each running statement in PostgreSQL, then cancel the handler."""
-        for lease in list(self.leases):
+        scope = self.cancel_scope  # the request may end, and drop it, while this waits
+        for lease in self.held():
             if lease.state is LeaseState.ACTIVE:
                 lease.conn._dbpool_cancelled_gen = lease.conn._dbpool_gen
                 await _cleanup.cancel_on_server(lease.conn, lease.cleanup_timeout)
-        self.cancel_scope.cancel()
+        if scope is not None:
+            scope.cancel()
 
     # -- receive: every message reaches the app, in order; the middleware only looks ---------
 
@@ -258,14 +270,18 @@ class Watcher(RequestControl):
         if self.stopping is not None:
             return  # the request is being cancelled: the middleware answers for it
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self._complete()
+        elif kind == "http.response.start":
             self.started = True
-        elif (kind == "http.response.body" and not message.get("more_body", False)) or (
-            kind == "http.response.trailers" and not message.get("more_trailers", False)
-        ):
-            self.complete = True
-            self._stop_watching()
+        elif kind == "http.response.trailers" and not message.get("more_trailers", False):
+            self._complete()
         await self.real_send(message)
+
+    def _complete(self) -> None:
+        self.complete = True
+        self._stop_watching()
 
     async def _answer(self) -> None:
         if self.complete or self.stopping == "disconnect":

@@ -7,7 +7,7 @@ import json
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import psycopg
@@ -28,6 +28,7 @@ from fastapi_dbpool import (
     deadline,
 )
 from fastapi_dbpool._deadline import RequestControl, current_control
+from fastapi_dbpool._watcher import Watcher
 
 from .conftest import Server, make_db, pid_of
 
@@ -549,6 +550,44 @@ async def test_budgets_that_straddle_a_rounding_step_cost_no_set(database_url: s
         assert await setting(conn) == "0"
 
 
+async def test_a_checkout_of_the_same_budget_asks_nothing_and_any_other_asks_again(
+    database_url: str,
+) -> None:
+    """Each checkout under the middleware ran the whole statement_timeout step (a coroutine
+    and the rounding) just to find the setting right: a tenth of the middleware's cost."""
+    from fastapi_dbpool._connection import GuardedConnection
+    from fastapi_dbpool._deadline import UNKNOWN_TIMEOUT, apply_statement_timeout, timeout_fits
+
+    conn = await GuardedConnection.connect(database_url, autocommit=True)
+    async with conn:
+        assert not timeout_fits(conn, 29.95)  # nothing known yet
+        await apply_statement_timeout(conn, 29.95)  # 31 s
+        assert timeout_fits(conn, 29.95)
+        assert timeout_fits(conn, 30.85)  # also 31 s
+        assert not timeout_fits(conn, 29.85)  # 30 s: kept by `apply_statement_timeout` only
+        assert not timeout_fits(conn, 5.0)
+        conn._dbpool_timeout_ms = UNKNOWN_TIMEOUT  # e.g. a rolled-back SET
+        assert not timeout_fits(conn, 29.95)
+
+
+def test_the_budgets_that_fit_a_setting_are_those_rounded_to_it() -> None:
+    """`timeout_fits` skips `_timeout_ms` for budgets in the same step: every budget in the
+    step it remembers must round to the same setting, across both step sizes."""
+    from fastapi_dbpool._deadline import _bucket, _timeout_ms
+
+    budgets = [k / 1000 for k in range(0, 40_000, 7)] + [9.8 + k / 10_000 for k in range(2000)]
+    inside = 0
+    for budget in budgets:
+        low, high = _bucket(budget)
+        want = _timeout_ms(budget)[0]
+        if low < budget < high:  # not so on a step's very edge: the slow path decides
+            inside += 1
+        for other in (low + 2e-6, (low + high) / 2, high - 2e-6):
+            if low < other < high:
+                assert _timeout_ms(other)[0] == want, (budget, other)
+    assert inside > 0.95 * len(budgets)
+
+
 async def test_what_outlives_a_request_holds_none_of_its_objects(
     database_url: str, app_name: str
 ) -> None:
@@ -583,5 +622,28 @@ async def test_what_outlives_a_request_holds_none_of_its_objects(
             assert len(kept) == 1  # the context is still held
             assert marker_ref() is None, "the request's scope outlived the request"
             assert task_ref() is None, "the request's task outlived the request"
+            control = kept[0][current_control]
+            assert isinstance(control, Watcher)
+            assert control.cancel_scope is None, "the request's cancel scope outlived it"
         finally:
             gc.enable()
+
+
+def test_a_request_control_holds_every_lease_taken_for_it() -> None:
+    """A request's leases are kept in one slot, and a set only from the second on (a set
+    for every request was a tenth of the middleware's garbage-collector cost): the ones
+    past the first must still be found, or a cut would not cancel their statements."""
+    from fastapi_dbpool._connection import Lease
+
+    control = RequestControl(1.0, None)
+    first, second, third = (Lease(cast(Any, None), None, False, 1.0) for _ in range(3))
+    control.hold(first)
+    control.hold(second)
+    assert control.held() == [first, second]
+    control.drop(first)
+    assert control.held() == [second]
+    control.hold(third)
+    assert set(control.held()) == {second, third}
+    control.drop(second)
+    control.drop(third)
+    assert control.held() == []
