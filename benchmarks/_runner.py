@@ -49,21 +49,25 @@ def served(
     env: dict[str, str] | None = None,
     probe: str = "/nodb",
     log: IO[bytes] | None = None,
-) -> Iterator[int]:
+    prefix: Sequence[str] = (),
+    startup: float = 30.0,
+) -> Iterator[tuple[int, int]]:
     """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit.
 
-    Ready once `probe` answers; `env` adds to the environment; `log` takes its output.
+    Ready once `probe` answers (within `startup` seconds); yields its port and PID. `env`
+    adds to the environment; `log` takes its output; `prefix` goes before the command (a
+    profiler that runs it).
     """
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+        [*prefix, sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
         env={**os.environ, **(env or {}), "DATABASE_URL": url},
         stdout=log,
         stderr=subprocess.STDOUT if log else None,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + startup
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=1):
@@ -72,7 +76,7 @@ def served(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{factory} did not start") from None
                 time.sleep(0.1)
-        yield port
+        yield port, proc.pid
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -151,7 +155,7 @@ def compare(
     """
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
-        ports = {name: stack.enter_context(served(factory, url)) for name, factory in contenders}
+        ports = {name: stack.enter_context(served(factory, url))[0] for name, factory in contenders}
         for name, port in ports.items():  # each answers 200, then warm up
             for path in paths:
                 _check(name, port, path)

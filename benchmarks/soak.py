@@ -317,7 +317,7 @@ async def soak_app(
 @contextlib.contextmanager
 def example_app(url: str, app_name: str, log: IO[bytes]) -> Iterator[int]:
     env = {"DBPOOL_NAME": app_name, "DBPOOL_MAX_SIZE": str(MAX_SIZE), "DBPOOL_ACQUIRE_TIMEOUT": "5"}
-    with served("example_app.app:from_env", url, env=env, probe="/livez", log=log) as port:
+    with served("example_app.app:from_env", url, env=env, probe="/livez", log=log) as (port, _):
         yield port
 
 

@@ -1,0 +1,113 @@
+"""Instructions per request under real uvicorn, counted by callgrind: a cost that noise cannot move.
+
+    python -m benchmarks.instructions [--set middleware|contenders] [--requests 1500]
+
+req/s on two shared cores moves by 10% from one run to the next, more than the differences
+worth knowing. Here each contender runs under uvicorn inside valgrind's callgrind (Debian's
+``valgrind``), which counts the CPU instructions the server executes: after a warm-up, the
+count is switched on, exactly `--requests` requests are sent (from a separate process, a few
+at a time so that none waits long enough to change what the server does), and the count is
+read. The same code on the same inputs gives the same count, whatever else the machine is
+doing. Instructions are not time (a cache miss costs more than an add), so this complements
+the req/s tables, it does not replace them; and with the server 50x slower under valgrind,
+requests seldom wait for the pool, so this measures the uncontended path.
+
+Uses ``DATABASE_URL`` or an embedded PostgreSQL; prints a table with each contender's ratio
+(the first contender's instructions per request / its own: above 1.00x is cheaper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import contenders, middleware_overhead
+from ._runner import prepare, served
+
+SETS = {"middleware": middleware_overhead.CONTENDERS, "contenders": contenders.CONTENDERS}
+PATHS = {"middleware": ["/select/42", "/nodb"], "contenders": ["/select/42", "/tx/42", "/nodb"]}
+CONNECTIONS = 4  # latency stays well under CancellationMiddleware's 0.25 s before it watches
+
+
+def _send(port: int, path: str, requests: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks._load", str(port), path,
+         "--connections", str(CONNECTIONS), "--requests", str(requests)],
+        check=True, capture_output=True, text=True, timeout=900,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    if result["requests"] != requests or result["errors"]:
+        raise RuntimeError(f"{path}: {result} (expected {requests} requests, no errors)")
+
+
+def _callgrind(pid: int, *command: str) -> None:
+    subprocess.run(["callgrind_control", *command, str(pid)], check=True, capture_output=True)
+
+
+def _totals(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dump}")
+
+
+def count(factory: str, url: str, paths: Sequence[str], requests: int) -> dict[str, float]:
+    """Instructions per request of `factory` on each of `paths`."""
+    with tempfile.TemporaryDirectory() as out:
+        prefix = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={out}/callgrind.%p",
+        ]  # fmt: skip
+        per_request: dict[str, float] = {}
+        with (
+            open(os.devnull, "wb") as log,
+            served(factory, url, prefix=prefix, startup=300.0, log=log) as (port, pid),
+        ):
+            for path in paths:
+                _send(port, path, max(requests // 5, 50))  # warm up, uncounted
+            _callgrind(pid, "--instr=on")
+            for path in paths:
+                _send(port, path, 20)  # let instrumented code settle before counting
+                _callgrind(pid, "--zero")
+                _send(port, path, requests)
+                before = set(Path(out).iterdir())
+                _callgrind(pid, "--dump")
+                (dump,) = set(Path(out).iterdir()) - before
+                per_request[path] = _totals(dump) / requests
+        return per_request
+
+
+def main() -> None:
+    from fastapi_dbpool.testing import database_url
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=sorted(SETS), default="middleware")
+    parser.add_argument("--requests", type=int, default=1500)
+    args = parser.parse_args()
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        sys.exit("needs valgrind (Debian: apt-get install valgrind)")
+    chosen, paths = SETS[args.set], PATHS[args.set]
+    with database_url() as url:
+        prepare(url)
+        counts = {name: count(factory, url, paths, args.requests) for name, factory in chosen}
+    first = chosen[0][0]
+    print(
+        f"callgrind under uvicorn (1 worker, httptools), {args.requests} requests per endpoint, "
+        f"{CONNECTIONS} at a time; ratio = {first}'s instructions per request / the contender's"
+    )
+    print("\n| endpoint | contender | instructions/request | ratio |\n|---|---|---:|---:|")
+    for path in paths:
+        for name, _ in chosen:
+            ratio = counts[first][path] / counts[name][path]
+            print(f"| {path} | {name} | {counts[name][path]:,.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
