@@ -272,16 +272,14 @@ class Watcher(RequestControl):
         kind = message["type"]
         if kind == "http.response.body":
             if not message.get("more_body", False):
-                self._complete()
+                self.complete = True
+                self._stop_watching()
         elif kind == "http.response.start":
             self.started = True
         elif kind == "http.response.trailers" and not message.get("more_trailers", False):
-            self._complete()
+            self.complete = True
+            self._stop_watching()
         await self.real_send(message)
-
-    def _complete(self) -> None:
-        self.complete = True
-        self._stop_watching()
 
     async def _answer(self) -> None:
         if self.complete or self.stopping == "disconnect":
