@@ -33,8 +33,8 @@ class CancellationMiddleware:
       that a gateway sets to shorten a request's budget; it never lengthens it. A malformed
       value is answered 400.
     - `read_ahead` (1 MiB): how much request body the middleware reads ahead of the app
-      while it watches for a disconnect. Every message is still handed to the app, in
-      order; past this, watching waits until the app reads on.
+      while it watches for a disconnect (and at most 64 messages). Every message is still
+      handed to the app, in order; past this, watching waits until the app reads on.
 
     The deadline is enforced to within 10 ms; a hang-up is noticed from 0.25 s into the
     request on. Out of time before the response started: the client gets ``504`` with

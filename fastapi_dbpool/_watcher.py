@@ -25,6 +25,7 @@ from .errors import DEADLINE_DETAIL
 logger = logging.getLogger("fastapi_dbpool")
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _WATCH_AFTER = 0.25  # a request still running after this is watched for a disconnect
+_MAX_AHEAD = 64  # messages read ahead of the app, whatever their size
 _stoppers: set[asyncio.Task[None]] = set()  # referenced until done (the loop holds weak refs)
 _ENDED_SCOPE: Scope = {"type": "http"}
 
@@ -232,7 +233,9 @@ class Watcher(RequestControl):
 
     async def _relay(self, relay: _Relay) -> None:
         while not self.disconnected:
-            if relay.buffered > self.read_ahead:
+            # Bytes bound a body; the count bounds a server that, out of spec, answers
+            # receive() with empty messages instead of waiting for the client.
+            if relay.buffered > self.read_ahead or len(relay.buffer) >= _MAX_AHEAD:
                 relay.space.clear()
                 await relay.space.wait()
                 continue

@@ -647,3 +647,28 @@ def test_a_request_control_holds_every_lease_taken_for_it() -> None:
     control.drop(second)
     control.drop(third)
     assert control.held() == []
+
+
+@pytest.mark.timeout(20)
+async def test_a_server_that_answers_receive_at_once_forever_does_not_freeze_the_loop() -> None:
+    """Out of spec, a server whose receive() hands out empty body messages at once instead
+    of waiting for the client: watching for a disconnect read them ahead without ever
+    yielding (no bytes to count), froze the event loop, and buffered without end."""
+    calls = 0
+
+    async def receive() -> Message:
+        nonlocal calls
+        calls += 1
+        return body(b"")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(0.5)  # past the point where watching for a disconnect starts
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    client = Client()
+    with anyio.fail_after(10):
+        await CancellationMiddleware(app)(scope("/"), receive, client.send)
+    assert client.status == 200
+    assert client.body == b"done"
+    assert calls <= 100
