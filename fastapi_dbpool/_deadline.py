@@ -44,10 +44,7 @@ class RequestControl:
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
         self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
-        if cap is None:  # the common case, without a call
-            self.deadline = math.inf if budget is None else self.start + budget
-        else:
-            self.deadline = self._deadline_for(budget)
+        self.deadline = self._deadline_for(budget)
         # Leases taken on the request's behalf: nearly always one, so no set until a second.
         self.lease: Lease | None = None
         self.more_leases: set[Lease] | None = None
@@ -139,17 +136,21 @@ def _timeout_ms(remaining: float) -> tuple[int, int]:
     first; rounded up, so that a connection serving requests of one budget keeps its
     setting and needs no SET.
     """
+    step, steps = _rounded(remaining)
+    step_ms = round(step * 1000)
+    return max(1, steps * step_ms), step_ms
+
+
+def _rounded(remaining: float) -> tuple[float, int]:
+    """The step `remaining` (plus the margin) is rounded in, and how many steps it rounds up to."""
     remaining += STATEMENT_TIMEOUT_MARGIN
     step = 1.0 if remaining >= 10 else 0.1
-    step_ms = round(step * 1000)
-    return max(1, math.ceil(round(remaining / step, 6)) * step_ms), step_ms
+    return step, math.ceil(round(remaining / step, 6))
 
 
 def _bucket(remaining: float) -> tuple[float, float]:
     """The budgets, around `remaining`, that `_timeout_ms` rounds to the same setting."""
-    remaining += STATEMENT_TIMEOUT_MARGIN
-    step = 1.0 if remaining >= 10 else 0.1
-    k = math.ceil(round(remaining / step, 6))
+    step, k = _rounded(remaining)
     low = max((k - 1) * step, 10.0) if step == 1.0 else (k - 1) * step
     # a hair inside the step, where the rounding above cannot disagree
     return low - STATEMENT_TIMEOUT_MARGIN + 1e-6, k * step - STATEMENT_TIMEOUT_MARGIN - 1e-6

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import math
 import select
 import threading
 import time
@@ -123,8 +122,8 @@ class PoolRuntime:
         by_deadline = False
         control = current_control.get()
         if control is not None and control.active:
-            remaining = control.deadline - started  # inf when the request has no deadline
-            if remaining < limit:
+            remaining = control.remaining()
+            if remaining is not None and remaining < limit:
                 if remaining <= 0:
                     raise self._ran_out(control)
                 limit, by_deadline = remaining, True
@@ -162,16 +161,14 @@ class PoolRuntime:
             lease = Lease(conn, task, shared, self.settings.release_timeout, control, stream)
             conn._dbpool_lease = lease
             self.leases.add(lease)
-            if control is not None:  # the usual first lease without a call
-                if control.lease is None:
-                    control.lease = lease
-                else:
-                    control.hold(lease)
+            if control is not None:
+                control.hold(lease)
             try:
                 alive = not conn.closed if self.pinned is not None else await _alive(conn)
                 if alive:
-                    if control is not None and control.active and control.deadline != math.inf:
-                        left = max(control.deadline - time.monotonic(), 0.0)
+                    left = control.remaining() if control is not None else None
+                    if left is not None:
+                        left = max(left, 0.0)
                         if not timeout_fits(conn, left):
                             await apply_statement_timeout(conn, left)
                     elif conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
@@ -319,12 +316,8 @@ class PoolRuntime:
                 conn._dbpool_lease = None
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
-            control = lease.control
-            if control is not None:
-                if control.lease is lease:
-                    control.lease = None
-                else:
-                    control.drop(lease)
+            if lease.control is not None:
+                lease.control.drop(lease)
             # The request's context keeps its lease (see request_lease) and outlives it in
             # whatever copied it (every timer psycopg starts): keep that small and acyclic.
             lease.task = lease.control = None

@@ -108,9 +108,7 @@ class Watcher(RequestControl):
         self.real_send = send
         cancel_scope = self.cancel_scope
         assert cancel_scope is not None
-        # due when watching for a disconnect starts (the deadline is later, or none)
-        at = self.watch_at if self.watch_at < self.deadline else self.deadline
-        self.slot = self.clock.add(at, self)
+        self._arm_timer()
         try:
             with cancel_scope:
                 try:
@@ -155,9 +153,7 @@ class Watcher(RequestControl):
 
     def _arm_timer(self) -> None:
         """Be due at the deadline, or when watching for a disconnect starts if sooner."""
-        if self.slot is not None:
-            self.clock.remove(self.slot, self)
-            self.slot = None
+        self._leave_clock()
         if not self.active:
             return
         at = self.deadline
@@ -182,11 +178,14 @@ class Watcher(RequestControl):
                 self.pump = self.loop.create_task(self._watch_receive(self.relay))
         self._arm_timer()
 
-    def _stop_watching(self) -> None:
-        self.active = False
+    def _leave_clock(self) -> None:
         if self.slot is not None:
             self.clock.remove(self.slot, self)
             self.slot = None
+
+    def _stop_watching(self) -> None:
+        self.active = False
+        self._leave_clock()
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 
@@ -280,13 +279,11 @@ class Watcher(RequestControl):
         if self.stopping is not None:
             return _dropped()  # the request is being cancelled: the middleware answers for it
         kind = message["type"]
-        if kind == "http.response.body":
-            if not message.get("more_body", False):
-                self.complete = True
-                self._stop_watching()
-        elif kind == "http.response.start":
+        if kind == "http.response.start":
             self.started = True
-        elif kind == "http.response.trailers" and not message.get("more_trailers", False):
+        elif (kind == "http.response.body" and not message.get("more_body", False)) or (
+            kind == "http.response.trailers" and not message.get("more_trailers", False)
+        ):
             self.complete = True
             self._stop_watching()
         return self.real_send(message)
