@@ -21,6 +21,7 @@ from . import _cleanup, _dsn, _env, _pinned
 from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
+from ._pool_internals import can_return_now
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
 from ._watchdog import LoopWatchdog
@@ -250,10 +251,9 @@ class DBPool:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
                 runtime = PoolRuntime(pool, self._settings)
-                runtime.hand_over = (
-                    self._pool_kwargs["reset"] is _keep_as_is
-                    and self._pool_kwargs.get("check") is None
-                )
+                ours = self._pool_kwargs["reset"] is _keep_as_is
+                runtime.hand_over = ours and self._pool_kwargs.get("check") is None
+                runtime.direct_return = ours and can_return_now(pool)
                 if bound is not None:
                     runtime.loop_hint = bound.hint
                     if bound.isolate:

@@ -24,6 +24,7 @@ from ._connection import GuardedConnection, Lease, LeaseState, request_lease
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
 from ._pinned import Pinned
+from ._pool_internals import return_now, stale
 from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
@@ -77,6 +78,9 @@ class PoolRuntime:
         # cost per request under load. Off when psycopg_pool must see every return (a
         # user's reset or check).
         self.hand_over = False
+        # Unless the user set a reset: a connection that needs nothing goes straight back to
+        # psycopg_pool's idle deque, without its worker task (see _pool_internals).
+        self.direct_return = False
         self.out = 0  # connections psycopg_pool handed to us and we have not given back
         self.waiting = 0  # checkouts waiting for a hand-over
         self._waiters: deque[asyncio.Future[GuardedConnection | None]] = deque()
@@ -213,11 +217,10 @@ class PoolRuntime:
             raise TooManyRequests(
                 f"the pool {self.pool.name!r} already has {self.waiting} requests waiting"
             )
-        loop = self.loop
-        waiter: asyncio.Future[GuardedConnection | None] = loop.create_future()
+        waiter: asyncio.Future[GuardedConnection | None] = self.loop.create_future()
         self._waiters.append(waiter)
         self.waiting += 1
-        timer = loop.call_later(
+        timer = self.loop.call_later(
             max(deadline - time.monotonic(), 0.0), _expire, waiter, context=self._no_context
         )
         try:
@@ -241,7 +244,7 @@ class PoolRuntime:
 
     def _hand_over(self, conn: GuardedConnection) -> bool:
         """Give `conn` to the first waiting checkout, if there is one and `conn` may go as is."""
-        if self.closing or not _cleanup.ready_for_next(conn) or _stale(self.pool, conn):
+        if self.closing or not _cleanup.ready_for_next(conn) or stale(self.pool, conn):
             return False
         return self._answer_first(conn)
 
@@ -300,7 +303,16 @@ class PoolRuntime:
                 healthy = True
             else:
                 self._given_back(conn)
-                healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
+                if (
+                    self.direct_return
+                    and _cleanup.ready_for_next(conn)
+                    and return_now(self.pool, conn)
+                ):
+                    healthy = True
+                else:
+                    healthy = await _cleanup.give_back(
+                        self.pool, conn, self.settings.release_timeout
+                    )
             if not healthy:
                 self.counters.discarded_on_release += 1
         except asyncio.CancelledError:
@@ -352,20 +364,6 @@ class PoolRuntime:
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_result(_TIMED_OUT)
-
-
-def _stale(pool: AsyncConnectionPool[Any], conn: GuardedConnection) -> bool:
-    """Whether psycopg_pool would close `conn` on its return (max_lifetime, drain()).
-
-    Reads psycopg_pool's own bookkeeping; if that is not there, every connection is stale:
-    each goes back through psycopg_pool, as without the hand-over.
-    """
-    expire_at = getattr(conn, "_expire_at", None)
-    created_at = getattr(conn, "_created_at", None)
-    drained_at = getattr(pool, "_drained_at", None)
-    if expire_at is None or created_at is None or drained_at is None:
-        return True
-    return bool(expire_at <= time.monotonic() or created_at <= drained_at)
 
 
 async def _alive(conn: GuardedConnection) -> bool:
