@@ -1,8 +1,8 @@
-"""One coarse timer per event loop for every request's deadline, instead of one timer each.
+"""One coarse timer for many deadlines (requests', waits for a connection), not one timer each.
 
 An asyncio timer per request costs more than everything else the middleware does for a
 fast request (a handle, a copy of the context, a heap entry left behind when cancelled).
-Here a request joins a 10 ms slot, leaves it in O(1), and one timer serves the earliest slot.
+Here an item joins a 10 ms slot, leaves it in O(1), and one timer serves the earliest slot.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import select
 import threading
@@ -20,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 from starlette.requests import HTTPConnection
 
 from . import _cleanup
+from ._clock import Clock
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
@@ -84,7 +84,10 @@ class PoolRuntime:
         self.out = 0  # connections psycopg_pool handed to us and we have not given back
         self.waiting = 0  # checkouts waiting for a hand-over
         self._waiters: deque[asyncio.Future[GuardedConnection | None]] = deque()
-        self._no_context = contextvars.Context()  # for timers: keep no request's objects
+        # Ends the waits for a hand-over in time: under load, nearly every checkout waits,
+        # and an asyncio timer each (a handle, a heap entry left behind when cancelled)
+        # cost more than the rest of the hand-over.
+        self._clock = Clock(self.loop)
 
     def pool_stats(self) -> dict[str, int]:
         """psycopg_pool's ``get_stats()``, counting checkouts waiting for a hand-over too."""
@@ -220,9 +223,8 @@ class PoolRuntime:
         waiter: asyncio.Future[GuardedConnection | None] = self.loop.create_future()
         self._waiters.append(waiter)
         self.waiting += 1
-        timer = self.loop.call_later(
-            max(deadline - time.monotonic(), 0.0), _expire, waiter, context=self._no_context
-        )
+        expiry = _Expiry(waiter)
+        slot = self._clock.add(deadline, expiry)
         try:
             conn = await waiter
         except BaseException:
@@ -236,7 +238,7 @@ class PoolRuntime:
                     self._wake_one()
             raise
         finally:
-            timer.cancel()
+            self._clock.remove(slot, expiry)
             self.waiting -= 1
         if conn is _TIMED_OUT:
             raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec")
@@ -361,9 +363,17 @@ class PoolRuntime:
             )
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
+class _Expiry:
+    """Ends one wait for a hand-over at its deadline (a `Clock` item)."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self, waiter: asyncio.Future[Any]) -> None:
+        self.waiter = waiter
+
+    def due(self) -> None:
+        if not self.waiter.done():
+            self.waiter.set_result(_TIMED_OUT)
 
 
 async def _alive(conn: GuardedConnection) -> bool:
