@@ -36,10 +36,10 @@ PATHS = {"middleware": ["/select/42", "/nodb"], "contenders": ["/select/42", "/t
 CONNECTIONS = 4  # latency stays well under CancellationMiddleware's 0.25 s before it watches
 
 
-def _send(port: int, path: str, requests: int) -> None:
+def _send(port: int, path: str, requests: int, connections: int = CONNECTIONS) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks._load", str(port), path,
-         "--connections", str(CONNECTIONS), "--requests", str(requests)],
+         "--connections", str(connections), "--requests", str(requests)],
         check=True, capture_output=True, text=True, timeout=900,
     ).stdout  # fmt: skip
     result = json.loads(out)
@@ -58,7 +58,9 @@ def _totals(dump: Path) -> int:
     raise RuntimeError(f"no totals in {dump}")
 
 
-def count(factory: str, url: str, paths: Sequence[str], requests: int) -> dict[str, float]:
+def count(
+    factory: str, url: str, paths: Sequence[str], requests: int, connections: int = CONNECTIONS
+) -> dict[str, float]:
     """Instructions per request of `factory` on each of `paths`."""
     with tempfile.TemporaryDirectory() as out:
         prefix = [
@@ -68,7 +70,9 @@ def count(factory: str, url: str, paths: Sequence[str], requests: int) -> dict[s
         per_request: dict[str, float] = {}
         with (
             open(os.devnull, "wb") as log,
-            served(factory, url, prefix=prefix, startup=300.0, log=log) as (port, pid),
+            served(
+                factory, url, env={"BENCH_WATCHDOG": "off"}, prefix=prefix, startup=300.0, log=log
+            ) as (port, pid),
         ):
             for path in paths:
                 _send(port, path, max(requests // 5, 50))  # warm up, uncounted
@@ -76,7 +80,7 @@ def count(factory: str, url: str, paths: Sequence[str], requests: int) -> dict[s
             for path in paths:
                 _send(port, path, 20)  # let instrumented code settle before counting
                 _callgrind(pid, "--zero")
-                _send(port, path, requests)
+                _send(port, path, requests, connections)
                 before = set(Path(out).iterdir())
                 _callgrind(pid, "--dump")
                 (dump,) = set(Path(out).iterdir()) - before
@@ -90,17 +94,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=sorted(SETS), default="middleware")
     parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
     chosen, paths = SETS[args.set], PATHS[args.set]
     with database_url() as url:
         prepare(url)
-        counts = {name: count(factory, url, paths, args.requests) for name, factory in chosen}
+        counts = {
+            name: count(factory, url, paths, args.requests, args.connections)
+            for name, factory in chosen
+        }
     first = chosen[0][0]
     print(
         f"callgrind under uvicorn (1 worker, httptools), {args.requests} requests per endpoint, "
-        f"{CONNECTIONS} at a time; ratio = {first}'s instructions per request / the contender's"
+        f"{args.connections} at a time; ratio = {first}'s instructions per request / the "
+        "contender's"
     )
     print("\n| endpoint | contender | instructions/request | ratio |\n|---|---|---:|---:|")
     for path in paths:
