@@ -18,7 +18,7 @@ from psycopg import AsyncConnection, waiting
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
 
-from . import _cleanup
+from . import _cleanup, _wait
 from .errors import ConnectionInUseError, ConnectionReleasedError
 
 if TYPE_CHECKING:
@@ -132,6 +132,8 @@ class GuardedConnection(AsyncConnection[Any]):
             await self._dbpool_cancel_done.wait()
         self._dbpool_gen = gen
         try:
+            if timeout is None and _wait.SUPPORTED:
+                return await _wait.wait(gen, self.pgconn.socket)
             return await waiting.wait_async(
                 gen, self.pgconn.socket, interval=interval, timeout=timeout
             )

@@ -1,0 +1,48 @@
+"""Statements wait on the socket with psycopg's protocol, but start no timer each."""
+
+import asyncio
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from .conftest import make_db
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_statements_start_no_timer(
+    database_url: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg's own wait starts a timer at every wait, left in the loop's heap when
+    cancelled (as it does here if the installed psycopg lacks what `_wait` uses)."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()), db.connection() as conn:
+        await conn.execute("SELECT 1")
+        loop = asyncio.get_running_loop()
+        timers: list[float] = []
+        call_later = loop.call_later
+
+        def counted(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            timers.append(delay)
+            return call_later(delay, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_later", counted)
+        for _ in range(20):
+            await conn.execute("SELECT pg_sleep(0.001)")
+        monkeypatch.undo()
+        assert timers == []
+
+
+async def test_a_statement_too_big_for_the_socket_is_sent_and_read_whole(
+    database_url: str, app_name: str
+) -> None:
+    """Megabytes each way: the socket blocks on write and on read, the two waits here."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    big = "x" * 8_000_000
+    async with db.lifespan(FastAPI()), db.connection() as conn:
+        cur = await conn.execute("SELECT length(%s::text), repeat('y', 8000000)", (big,))
+        row = await cur.fetchone()
+        assert row is not None
+        assert row[0] == len(big)
+        assert row[1] == "y" * 8_000_000
