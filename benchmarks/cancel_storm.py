@@ -133,7 +133,10 @@ class _Monitor:
         self.orphans: dict[tuple[int, object], str] = {}
 
     async def run(self) -> None:
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+        # Not `async with`: its exit awaits a rollback first, where the cancellation that
+        # stops the monitor lands again (anyio), and the connection is never closed.
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        try:
             while True:
                 cur = await conn.execute(
                     "SELECT pid, query_start, query, now() - query_start FROM pg_stat_activity "
@@ -144,6 +147,8 @@ class _Monitor:
                 for pid, start, query, age in await cur.fetchall():
                     self.orphans[pid, start] = f"orphaned query on pid {pid} ({age}): {query}"
                 await asyncio.sleep(0.05)
+        finally:
+            await conn.close()  # no await inside: it only closes the socket
 
 
 async def storm(url: str, requests: int, concurrency: int = 16, seed: int = 1) -> Summary:
