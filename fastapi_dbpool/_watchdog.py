@@ -57,6 +57,8 @@ class LoopWatchdog:
         interval = self.threshold / 4
         while not self._stop.wait(interval):
             self._answered.clear()
+            if self._stop.is_set():  # stop() ran just before the clear: its set is undone
+                return
             sent = time.monotonic()
             try:
                 self.loop.call_soon_threadsafe(self._answered.set)

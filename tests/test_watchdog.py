@@ -89,3 +89,25 @@ async def test_the_watchdog_stops_with_the_lifespan_and_can_be_turned_off(
     off = make_db(database_url, app_name, watchdog=None)
     async with off.lifespan(FastAPI()):
         assert watchdogs() == []
+
+
+async def test_stopping_returns_at_once_even_as_the_thread_wakes_to_ping() -> None:
+    """stop() sets both of the thread's events; a thread that had just woken, and waited
+    for the GIL while the loop's thread ran on, used to clear one of them, ping a loop
+    blocked in join(), and hold shutdown for join's whole 5 s."""
+    from fastapi_dbpool._watchdog import LoopWatchdog
+
+    loop = asyncio.get_running_loop()
+    slow = []
+    for _ in range(30):
+        watchdog = LoopWatchdog(loop, 0.004, "race")  # the thread wakes every 1 ms
+        watchdog.start()
+        busy_until = time.perf_counter() + 0.003
+        while time.perf_counter() < busy_until:  # hold the GIL as the thread's wait ends
+            pass
+        started = time.perf_counter()
+        watchdog.stop()
+        if time.perf_counter() - started > 1.0:
+            slow.append(time.perf_counter() - started)
+        await asyncio.sleep(0)
+    assert slow == []
