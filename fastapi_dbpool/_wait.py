@@ -36,7 +36,8 @@ async def wait(gen: PQGen[RV], fileno: int) -> RV:
     try:
         state = next(gen)
     except StopIteration as ex:
-        if monotonic() - waiting._last_yield >= _MAX_BUSY_TIME:  # never ready-at-once for too long
+        # statements that never block still let the rest of the loop run, now and then
+        if monotonic() - waiting._last_yield >= _MAX_BUSY_TIME:
             await asyncio.sleep(0)
             waiting._last_yield = monotonic()
         result: RV = ex.value
