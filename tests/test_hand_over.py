@@ -153,3 +153,29 @@ async def test_a_users_reset_sees_every_return(database_url: str, app_name: str)
         await waiter
     assert got["next"] == pid
     assert resets[:1] == [pid]
+
+
+async def test_waits_for_a_hand_over_share_one_timer(
+    database_url: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asyncio timer per waiting checkout (under load, every checkout) would leave a
+    cancelled entry in the loop's heap for the whole acquire_timeout."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    got: dict[str, int] = {}
+    async with db.lifespan(FastAPI()):
+        loop = asyncio.get_running_loop()
+        delays: list[float] = []
+        call_later = loop.call_later
+
+        def counted(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            delays.append(delay)
+            return call_later(delay, *args, **kwargs)
+
+        async with db.connection():
+            monkeypatch.setattr(loop, "call_later", counted)
+            waiters = [asyncio.create_task(_take(db, got, f"w{n}")) for n in range(5)]
+            await _until_waiting(db, 5)
+        await asyncio.gather(*waiters)
+        monkeypatch.undo()
+        assert len(got) == 5
+        assert len([d for d in delays if d > 4]) <= 1  # the waits' 5 s, on one timer at most
