@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -79,6 +80,20 @@ async def pid_of(conn: psycopg.AsyncConnection[Any]) -> int:
     row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def timers_started(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays of the running loop's `call_later` calls, until `monkeypatch` is undone."""
+    loop = asyncio.get_running_loop()
+    delays: list[float] = []
+    call_later = loop.call_later
+
+    def counted(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        delays.append(delay)
+        return call_later(delay, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_later", counted)
+    return delays
 
 
 def make_db(database_url: str, app_name: str, **kwargs: Any) -> DBPool:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import DBPool, PoolNotRunningError
 
-from .conftest import Server, make_db, pid_of
+from .conftest import Server, make_db, pid_of, timers_started
 
 pytestmark = pytest.mark.anyio
 
@@ -163,16 +163,8 @@ async def test_waits_for_a_hand_over_share_one_timer(
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     got: dict[str, int] = {}
     async with db.lifespan(FastAPI()):
-        loop = asyncio.get_running_loop()
-        delays: list[float] = []
-        call_later = loop.call_later
-
-        def counted(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-            delays.append(delay)
-            return call_later(delay, *args, **kwargs)
-
         async with db.connection():
-            monkeypatch.setattr(loop, "call_later", counted)
+            delays = timers_started(monkeypatch)
             waiters = [asyncio.create_task(_take(db, got, f"w{n}")) for n in range(5)]
             await _until_waiting(db, 5)
         await asyncio.gather(*waiters)

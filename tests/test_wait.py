@@ -1,12 +1,11 @@
 """Statements wait on the socket with psycopg's protocol, but start no timer each."""
 
 import asyncio
-from typing import Any
 
 import pytest
 from fastapi import FastAPI
 
-from .conftest import make_db
+from .conftest import make_db, timers_started
 
 pytestmark = pytest.mark.anyio
 
@@ -19,15 +18,7 @@ async def test_statements_start_no_timer(
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     async with db.lifespan(FastAPI()), db.connection() as conn:
         await conn.execute("SELECT 1")
-        loop = asyncio.get_running_loop()
-        timers: list[float] = []
-        call_later = loop.call_later
-
-        def counted(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-            timers.append(delay)
-            return call_later(delay, *args, **kwargs)
-
-        monkeypatch.setattr(loop, "call_later", counted)
+        timers = timers_started(monkeypatch)
         for _ in range(20):
             await conn.execute("SELECT pg_sleep(0.001)")
         monkeypatch.undo()
