@@ -1,16 +1,19 @@
 """Instructions per request under real uvicorn, counted by callgrind: a cost that noise cannot move.
 
     python -m benchmarks.instructions [--set middleware|contenders] [--requests 1500]
+        [--connections 4]
 
 req/s on two shared cores moves by 10% from one run to the next, more than the differences
 worth knowing. Here each contender runs under uvicorn inside valgrind's callgrind (Debian's
 ``valgrind``), which counts the CPU instructions the server executes: after a warm-up, the
-count is switched on, exactly `--requests` requests are sent (from a separate process, a few
-at a time so that none waits long enough to change what the server does), and the count is
-read. The same code on the same inputs gives the same count, whatever else the machine is
-doing. Instructions are not time (a cache miss costs more than an add), so this complements
-the req/s tables, it does not replace them; and with the server 50x slower under valgrind,
-requests seldom wait for the pool, so this measures the uncontended path.
+count is switched on, exactly `--requests` requests are sent (from a separate process,
+`--connections` at a time), and the count is read. The same code on the same inputs gives
+the same count, whatever else the machine is doing. Instructions are not time (a cache
+miss costs more than an add), so this complements the req/s tables, it does not replace
+them. With the server 50x slower under valgrind, 4
+at a time seldom wait for the pool (the uncontended path); 32 at a time nearly all do, but
+then requests last long enough for CancellationMiddleware to start watching for
+disconnects, which at real speed it seldom does.
 
 Uses ``DATABASE_URL`` or an embedded PostgreSQL; prints a table with each contender's ratio
 (the first contender's instructions per request / its own: above 1.00x is cheaper).

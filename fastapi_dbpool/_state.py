@@ -75,8 +75,8 @@ class PoolRuntime:
         # Hand-over: while every connection is out, a release gives its connection straight
         # to the first waiting checkout instead of through psycopg_pool (putconn, a worker
         # task, the pool's lock, a waiting client's wait_for task): a third of the pool's
-        # cost per request under load. Off when psycopg_pool must see every return (a
-        # user's reset or check).
+        # cost per request under load. Off with a user's reset (psycopg_pool must see every
+        # return) or check (every checkout).
         self.hand_over = False
         # Unless the user set a reset: a connection that needs nothing goes straight back to
         # psycopg_pool's idle deque, without its worker task (see _pool_internals).
