@@ -34,8 +34,12 @@ class Clock:
         # that request's objects alive until the tick and running every item's due() in it.
         self._context = contextvars.Context()
 
-    def add(self, at: float, item: Due) -> int:
-        """Call `item.due()` at about `at` (time.monotonic()); returns the key for `remove`."""
+    def add(self, at: float, item: Due) -> set[Due]:
+        """Call `item.due()` at about `at` (time.monotonic()).
+
+        Returns the slot's items: ``slot.discard(item)`` takes the item out again, with no
+        call into the clock (every request does it, nearly always before its slot comes).
+        """
         slot = math.ceil(at / RESOLUTION)
         items = self._slots.get(slot)
         if items is None:
@@ -44,12 +48,7 @@ class Clock:
         items.add(item)
         if slot < self._timer_slot:
             self._arm(slot)
-        return slot
-
-    def remove(self, slot: int, item: Due) -> None:
-        items = self._slots.get(slot)
-        if items is not None:
-            items.discard(item)
+        return items
 
     def _arm(self, slot: int) -> None:
         if self._timer is not None:
@@ -65,8 +64,9 @@ class Clock:
         now = math.floor(time.monotonic() / RESOLUTION)
         order, slots = self._order, self._slots
         while order and order[0] <= now:
-            for item in slots.pop(heapq.heappop(order)):
-                item.due()
+            items = slots.pop(heapq.heappop(order))
+            while items:  # an item's due() may take another out of this very slot
+                items.pop().due()
         # Aim at the first slot still in use, not the next one: most requests end long
         # before they are due, and a timer that fired every slot would stand, always
         # pending, first in the loop's heap of timers, where it keeps asyncio from dropping

@@ -238,7 +238,7 @@ class PoolRuntime:
                     self._wake_one()
             raise
         finally:
-            self._clock.remove(slot, expiry)
+            slot.discard(expiry)
             self.waiting -= 1
         if conn is _TIMED_OUT:
             raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec")

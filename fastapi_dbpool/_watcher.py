@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _cleanup
-from ._clock import Clock
+from ._clock import Clock, Due
 from ._connection import LeaseState
 from ._deadline import RequestControl
 from ._state import find_runtime
@@ -98,7 +98,7 @@ class Watcher(RequestControl):
         self.cancel_scope: anyio.CancelScope | None = cancel_scope
         self.started = self.complete = self.disconnected = self.reading = False
         self.watch_at = self.start + _WATCH_AFTER
-        self.slot: int | None = None
+        self.slot: set[Due] | None = None
         self.pump: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None  # made when watching starts: most requests end before
 
@@ -180,7 +180,7 @@ class Watcher(RequestControl):
 
     def _leave_clock(self) -> None:
         if self.slot is not None:
-            self.clock.remove(self.slot, self)
+            self.slot.discard(self)
             self.slot = None
 
     def _stop_watching(self) -> None:

@@ -64,10 +64,10 @@ async def test_the_timer_waits_for_the_first_slot_still_in_use() -> None:
     start = time.monotonic()
     ended = [Item(start + RESOLUTION * k) for k in range(1, 6)]
     running = Item(start + 0.3)
-    keys = [clock.add(item.at, item) for item in ended]
+    slots = [clock.add(item.at, item) for item in ended]
     clock.add(running.at, running)
-    for key, item in zip(keys, ended, strict=True):
-        clock.remove(key, item)
+    for slot, item in zip(slots, ended, strict=True):
+        slot.discard(item)
     await asyncio.sleep(2 * RESOLUTION + 0.02)  # the first slot came, and was empty
     timer = clock._timer
     assert timer is not None
@@ -76,3 +76,28 @@ async def test_the_timer_waits_for_the_first_slot_still_in_use() -> None:
     assert len(running.called) == 1
     assert running.called[0] >= running.at
     assert not any(item.called for item in ended)
+
+
+async def test_an_item_may_take_another_out_of_its_slot_as_it_is_due() -> None:
+    """Items leave by discarding themselves from the set `add` returned. The tick iterated
+    over that very set: when one item's due() took another out of it, the tick raised "Set
+    changed size during iteration", and the clock never armed its timer again."""
+    clock = Clock(asyncio.get_running_loop())
+    at = time.monotonic() + RESOLUTION
+
+    class Leaver(Item):
+        other: Item
+
+        def due(self) -> None:
+            super().due()
+            slot.discard(self.other)
+
+    first, second = Leaver(at), Leaver(at)
+    first.other, second.other = second, first
+    slot = clock.add(at, first)
+    assert clock.add(at, second) is slot
+    later = Item(at + 3 * RESOLUTION)
+    clock.add(later.at, later)
+    await asyncio.sleep(later.at - time.monotonic() + 2 * RESOLUTION + 0.02)
+    assert len(first.called) + len(second.called) == 1  # whichever came first took the other
+    assert len(later.called) == 1
