@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 
 import anyio
+from psycopg.errors import QueryCanceled
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._clock import Clock
@@ -82,10 +84,28 @@ class CancellationMiddleware:
             clock = self._clock = Clock(asyncio.get_running_loop())
             # the running backend's own class: anyio.CancelScope() looks the backend up each time
             self._cancel_scope = type(anyio.CancelScope())
-        watcher = Watcher(self.app, self.read_ahead, clock, self._cancel_scope(), self.timeout, cap)
+        cancel_scope = self._cancel_scope()
+        watcher = Watcher(
+            scope, receive, send, self.read_ahead, clock, cancel_scope, self.timeout, cap
+        )
         token = current_control.set(watcher)
+        # Here rather than in a method of the Watcher: every coroutine a request runs
+        # through costs it again at each of its awaits.
         try:
-            await watcher.run(scope, receive, send)
+            with cancel_scope:
+                try:
+                    await self.app(scope, watcher.receive, watcher.send)
+                except (QueryCanceled, ClientDisconnect):
+                    if not watcher.was_cut():
+                        raise
+        except BaseException:
+            watcher.end()
+            raise
+        else:
+            if watcher.stopping is None:
+                watcher.end()
+            else:
+                await watcher.answer_cut()
         finally:
             current_control.reset(token)
 

@@ -11,9 +11,7 @@ from collections import deque
 from collections.abc import Awaitable
 
 import anyio
-from psycopg.errors import QueryCanceled
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from . import _cleanup
 from ._clock import Clock, Due
@@ -55,15 +53,15 @@ class _Relay:
 
 
 class Watcher(RequestControl):
-    """Runs one HTTP request; cancels it, server first, at its deadline or on a disconnect.
+    """One HTTP request: cancels it, server first, at its deadline or on a disconnect.
 
-    Every body message reaches the app, in order: until the request has run for
-    `_WATCH_AFTER` the app reads on its own (and sees a disconnect itself); after that a
-    task watches for one, relaying what it reads through a buffer the app reads first.
+    `CancellationMiddleware` runs the app with this as its receive and send. Every body
+    message reaches the app, in order: until the request has run for `_WATCH_AFTER` the
+    app reads on its own (and sees a disconnect itself); after that a task watches for
+    one, relaying what it reads through a buffer the app reads first.
     """
 
     __slots__ = (
-        "app",
         "cancel_scope",
         "clock",
         "complete",
@@ -83,7 +81,9 @@ class Watcher(RequestControl):
 
     def __init__(
         self,
-        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
         read_ahead: int,
         clock: Clock,
         cancel_scope: anyio.CancelScope,
@@ -91,43 +91,51 @@ class Watcher(RequestControl):
         cap: float | None,
     ) -> None:
         super().__init__(budget, cap)
-        self.app = app
+        self.scope = scope
+        self.real_receive = receive
+        self.real_send = send
         self.read_ahead = read_ahead
         self.clock = clock
         self.loop = clock.loop
         self.cancel_scope: anyio.CancelScope | None = cancel_scope
         self.started = self.complete = self.disconnected = self.reading = False
         self.watch_at = self.start + _WATCH_AFTER
-        self.slot: set[Due] | None = None
         self.pump: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None  # made when watching starts: most requests end before
+        at = self.deadline if self.deadline < self.watch_at else self.watch_at
+        self.slot: set[Due] | None = clock.add(at, self)
 
-    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope = scope
-        self.real_receive = receive
-        self.real_send = send
-        cancel_scope = self.cancel_scope
-        assert cancel_scope is not None
-        self._arm_timer()
-        try:
-            with cancel_scope:
-                try:
-                    await self.app(scope, self._receive, self._send)
-                except (QueryCanceled, ClientDisconnect):
-                    if self.stopping is None:
-                        if time.monotonic() < self.deadline:
-                            raise  # not a consequence of a cut: the app's to handle
-                        self.stopping = "deadline"  # PostgreSQL's statement_timeout
-        except BaseException:
-            self._stop_watching()
-            self._forget()
-            raise
+    def was_cut(self) -> bool:
+        """Whether the app's QueryCanceled or ClientDisconnect came of the request's end.
+
+        The middleware's own cut, or PostgreSQL's statement_timeout at the deadline (then
+        counted as the deadline's cut); otherwise the error is the app's to handle.
+        """
+        if self.stopping is None:
+            if time.monotonic() < self.deadline:
+                return False
+            self.stopping = "deadline"
+        return True
+
+    def end(self) -> None:
+        """The app has returned or raised: stop watching, and drop the request's objects.
+
+        The request's context keeps this Watcher, and outlives the request in whatever
+        copied it (a timer started during the request keeps a copy until it is dropped).
+        """
         if self.active or self.pump is not None:  # else stopped when the response ended
             self._stop_watching()
-        if self.stopping is None:
-            self._forget()
-            return
+        self.scope = _ENDED_SCOPE
+        self.real_receive = _ended_receive
+        self.real_send = _ended_send
+        self.relay = self.pump = None
+        self.cancel_scope = None
+
+    async def answer_cut(self) -> None:
+        """The request was cut: answer for the app (a 504, or the end of the body)."""
         try:
+            if self.active or self.pump is not None:
+                self._stop_watching()
             runtime = find_runtime(self.scope)
             # Counted here, once the handler is done: a deadline that ran out while it
             # waited for a connection is counted there, even if this cut came first.
@@ -135,16 +143,7 @@ class Watcher(RequestControl):
                 runtime.counters.cancelled_requests += 1
             await self._answer()
         finally:
-            self._forget()
-
-    def _forget(self) -> None:
-        """Drop the request's objects: the request's context keeps this, and psycopg copies
-        that context into a timer at every wait, kept for a while after the request ends."""
-        self.scope = _ENDED_SCOPE
-        self.real_receive = _ended_receive
-        self.real_send = _ended_send
-        self.relay = self.pump = None
-        self.cancel_scope = None
+            self.end()
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -185,7 +184,9 @@ class Watcher(RequestControl):
 
     def _stop_watching(self) -> None:
         self.active = False
-        self._leave_clock()
+        if self.slot is not None:  # _leave_clock(), for the end of every request
+            self.slot.discard(self)
+            self.slot = None
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 
@@ -246,7 +247,7 @@ class Watcher(RequestControl):
             relay.buffered += len(message.get("body", b""))
             self._note(message)
 
-    async def _receive(self) -> Message:
+    async def receive(self) -> Message:
         relay = self.relay
         if relay is None:  # not watching (yet): the app reads on its own
             self.reading = True
@@ -273,7 +274,7 @@ class Watcher(RequestControl):
 
     # -- send -------------------------------------------------------------------------------
 
-    def _send(self, message: Message) -> Awaitable[None]:
+    def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back the server's own awaitable: one coroutine less
         # for every message of every request.
         if self.stopping is not None:
@@ -285,7 +286,12 @@ class Watcher(RequestControl):
             kind == "http.response.trailers" and not message.get("more_trailers", False)
         ):
             self.complete = True
-            self._stop_watching()
+            self.active = False  # _stop_watching(), inline: once for every request
+            if self.slot is not None:
+                self.slot.discard(self)
+                self.slot = None
+            if self.pump is not None:
+                self.pump.cancel()
         return self.real_send(message)
 
     async def _answer(self) -> None:
