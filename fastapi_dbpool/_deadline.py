@@ -44,7 +44,10 @@ class RequestControl:
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
         self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
-        self.deadline = self._deadline_for(budget)
+        if cap is None and budget is not None:  # _deadline_for(), inline for the usual case
+            self.deadline = self.start + budget
+        else:
+            self.deadline = self._deadline_for(budget)
         # Leases taken on the request's behalf: nearly always one, so no set until a second.
         self.lease: Lease | None = None
         self.more_leases: set[Lease] | None = None

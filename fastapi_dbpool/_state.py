@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import select
 import threading
 import time
@@ -129,8 +130,8 @@ class PoolRuntime:
         by_deadline = False
         control = current_control.get()
         if control is not None and control.active:
-            remaining = control.remaining()
-            if remaining is not None and remaining < limit:
+            remaining = control.deadline - started  # control.remaining(); inf: no deadline
+            if remaining < limit:
                 if remaining <= 0:
                     raise self._ran_out(control)
                 limit, by_deadline = remaining, True
@@ -169,12 +170,17 @@ class PoolRuntime:
             conn._dbpool_lease = lease
             self.leases.add(lease)
             if control is not None:
-                control.hold(lease)
+                if control.lease is None:  # control.hold(), for the request's one lease
+                    control.lease = lease
+                else:
+                    control.hold(lease)
             try:
                 alive = not conn.closed if self.pinned is not None else await _alive(conn)
                 if alive:
-                    left = control.remaining() if control is not None else None
-                    if left is not None:
+                    left = math.inf  # control.remaining(), inline as above
+                    if control is not None and control.active:
+                        left = control.deadline - time.monotonic()
+                    if left != math.inf:
                         left = max(left, 0.0)
                         if not timeout_fits(conn, left):
                             await apply_statement_timeout(conn, left)
@@ -330,8 +336,12 @@ class PoolRuntime:
                 conn._dbpool_lease = None
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
-            if lease.control is not None:
-                lease.control.drop(lease)
+            control = lease.control
+            if control is not None:
+                if control.lease is lease:  # control.drop(), for the request's one lease
+                    control.lease = None
+                else:
+                    control.drop(lease)
             # The request's context keeps its lease (see request_lease) and outlives it in
             # whatever copied it (every timer psycopg starts): keep that small and acyclic.
             lease.task = lease.control = None
