@@ -106,10 +106,11 @@ class Watcher(RequestControl):
         self.slot: set[Due] | None = clock.add(at, self)
 
     def was_cut(self) -> bool:
-        """Whether the app's QueryCanceled or ClientDisconnect came of the request's end.
+        """Whether the QueryCanceled or ClientDisconnect the app raised is the request's cut.
 
-        The middleware's own cut, or PostgreSQL's statement_timeout at the deadline (then
-        counted as the deadline's cut); otherwise the error is the app's to handle.
+        It is when the middleware cut the request, or when PostgreSQL's statement_timeout
+        ended a statement at the deadline (then counted as the deadline's cut); otherwise
+        the error is the app's own, to handle as it sees fit.
         """
         if self.stopping is None:
             if time.monotonic() < self.deadline:
@@ -184,9 +185,7 @@ class Watcher(RequestControl):
 
     def _stop_watching(self) -> None:
         self.active = False
-        if self.slot is not None:  # _leave_clock(), for the end of every request
-            self.slot.discard(self)
-            self.slot = None
+        self._leave_clock()
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 
@@ -291,7 +290,7 @@ class Watcher(RequestControl):
                 self.slot.discard(self)
                 self.slot = None
             if self.pump is not None:
-                self.pump.cancel()
+                self._stop_watching()  # and the task watching for a disconnect
         return self.real_send(message)
 
     async def _answer(self) -> None:

@@ -447,6 +447,28 @@ async def test_users_see_their_own_exception_never_a_group() -> None:
     assert type(info.value) is LookupError
 
 
+async def test_a_statement_timeout_of_the_apps_own_is_its_error_not_a_cut(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    """The middleware takes a QueryCanceled as its own cut only when it cut the request or
+    the deadline has passed; a statement the app bounded itself, long before the deadline,
+    fails as the app's own error (FastAPI's 500), is not counted as a cut, and leaves no
+    query running."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = db_app(db, timeout=30)
+
+    @app.get("/own-timeout")
+    async def own_timeout(tx: TransactionDep) -> None:
+        await tx.execute("SET LOCAL statement_timeout = 50")
+        await tx.execute("SELECT pg_sleep(5)")
+
+    async with db.lifespan(app):
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            await call(app, Client(body(b"")), "/own-timeout")
+        assert db.stats().cancelled_requests == 0
+        assert server.states() == ["idle"]
+
+
 async def test_a_gateway_header_shortens_the_deadline_but_never_lengthens_it() -> None:
     app = FastAPI()
     app.add_middleware(CancellationMiddleware, timeout=0.5, timeout_header="X-Request-Timeout")
