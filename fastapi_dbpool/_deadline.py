@@ -44,10 +44,7 @@ class RequestControl:
     def __init__(self, budget: float | None, cap: float | None) -> None:
         self.start = time.monotonic()
         self.cap = cap  # the request's own limit (a gateway's header): routes cannot exceed it
-        if cap is None and budget is not None:  # _deadline_for(), inline for the usual case
-            self.deadline = self.start + budget
-        else:
-            self.deadline = self._deadline_for(budget)
+        self.deadline = self._deadline_for(budget)  # math.inf: no deadline
         # Leases taken on the request's behalf: nearly always one, so no set until a second.
         self.lease: Lease | None = None
         self.more_leases: set[Lease] | None = None
@@ -91,12 +88,6 @@ class RequestControl:
         if self.more_leases:
             held.extend(self.more_leases)
         return held
-
-    def remaining(self) -> float | None:
-        """Seconds left, or None when the request has no deadline (or no longer obeys one)."""
-        if not self.active or self.deadline == math.inf:
-            return None
-        return self.deadline - time.monotonic()
 
 
 current_control: ContextVar[RequestControl | None] = ContextVar(

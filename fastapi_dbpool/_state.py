@@ -130,7 +130,7 @@ class PoolRuntime:
         by_deadline = False
         control = current_control.get()
         if control is not None and control.active:
-            remaining = control.deadline - started  # control.remaining(); inf: no deadline
+            remaining = control.deadline - started  # math.inf when it has no deadline
             if remaining < limit:
                 if remaining <= 0:
                     raise self._ran_out(control)
@@ -177,7 +177,7 @@ class PoolRuntime:
             try:
                 alive = not conn.closed if self.pinned is not None else await _alive(conn)
                 if alive:
-                    left = math.inf  # control.remaining(), inline as above
+                    left = math.inf  # no deadline, or no longer obeyed (the response ended)
                     if control is not None and control.active:
                         left = control.deadline - time.monotonic()
                     if left != math.inf:

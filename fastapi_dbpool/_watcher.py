@@ -102,6 +102,7 @@ class Watcher(RequestControl):
         self.watch_at = self.start + _WATCH_AFTER
         self.pump: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None  # made when watching starts: most requests end before
+        # _arm_timer(), inline for every request: due at the deadline or the watch, if sooner
         at = self.deadline if self.deadline < self.watch_at else self.watch_at
         self.slot: set[Due] | None = clock.add(at, self)
 
@@ -135,8 +136,7 @@ class Watcher(RequestControl):
     async def answer_cut(self) -> None:
         """The request was cut: answer for the app (a 504, or the end of the body)."""
         try:
-            if self.active or self.pump is not None:
-                self._stop_watching()
+            self._stop_watching()
             runtime = find_runtime(self.scope)
             # Counted here, once the handler is done: a deadline that ran out while it
             # waited for a connection is counted there, even if this cut came first.
