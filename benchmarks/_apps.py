@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 
 from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool, TransactionDep
@@ -75,4 +76,29 @@ def fastapi_dbpool_passthrough() -> FastAPI:
     """fastapi_dbpool behind a middleware that does nothing."""
     app = _fastapi_dbpool()
     app.add_middleware(_PassThrough)
+    return app
+
+
+class _ScopeOnly:
+    """A pure ASGI middleware that only runs the request in an anyio CancelScope.
+
+    The least that a middleware able to cancel a request the anyio way (so that shielded
+    cleanup, the pool's and FastAPI's, stays shielded) must do for every request.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.cancel_scope: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.cancel_scope is None:  # as the middleware does: the backend's class, looked up once
+            self.cancel_scope = type(anyio.CancelScope())
+        with self.cancel_scope():
+            await self.app(scope, receive, send)
+
+
+def fastapi_dbpool_scope_only() -> FastAPI:
+    """fastapi_dbpool behind a middleware that only enters an anyio CancelScope."""
+    app = _fastapi_dbpool()
+    app.add_middleware(_ScopeOnly)
     return app
