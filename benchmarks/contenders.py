@@ -1,6 +1,6 @@
 """fastapi_dbpool against the usual ways of wiring PostgreSQL into FastAPI, in one run.
 
-    python -m benchmarks.contenders [--rounds 3] [--seconds 3] [--connections 32]
+    python -m benchmarks.contenders [--rounds 20] [--seconds 1] [--connections 32]
 
 Needs the ``bench`` extra (SQLAlchemy, asyncpg). Uses ``DATABASE_URL``, or starts an
 embedded PostgreSQL. Every contender runs under uvicorn on 127.0.0.1 with a pool of 8 and
@@ -21,4 +21,4 @@ CONTENDERS = [
 
 
 if __name__ == "__main__":
-    cli(__doc__, CONTENDERS, ["/select/42", "/tx/42", "/nodb"], rounds=3)
+    cli(__doc__, CONTENDERS, ["/select/42", "/tx/42", "/nodb"], rounds=20)
