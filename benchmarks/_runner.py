@@ -195,7 +195,7 @@ def _table(
         for name in names:
             runs = results[path, name]
             rps = statistics.median(r["rps"] for r in runs)
-            # the median of per-round ratios: each round's pair ran back to back
+            # the median of per-round ratios: each round's runs are close in time
             ratios = [r["rps"] / b["rps"] for r, b in zip(runs, base_runs, strict=True)]
             ratio = statistics.median(ratios)
             p50 = statistics.median(r["p50_ms"] for r in runs)

@@ -10,10 +10,10 @@ count is switched on, exactly `--requests` requests are sent (from a separate pr
 `--connections` at a time), and the count is read. The same code on the same inputs gives
 the same count, whatever else the machine is doing. Instructions are not time (a cache
 miss costs more than an add), so this complements the req/s tables, it does not replace
-them. With the server 50x slower under valgrind, 4
-at a time seldom wait for the pool (the uncontended path); 32 at a time nearly all do, but
-then requests last long enough for CancellationMiddleware to start watching for
-disconnects, which at real speed it seldom does.
+them. With the server 50x slower under valgrind, 4 at a time seldom wait for the pool (the
+uncontended path); 32 at a time nearly all do, but then requests last long enough for
+CancellationMiddleware to start watching for disconnects, which at real speed it seldom
+does.
 
 Uses ``DATABASE_URL`` or an embedded PostgreSQL; prints a table with each contender's ratio
 (the first contender's instructions per request / its own: above 1.00x is cheaper).
