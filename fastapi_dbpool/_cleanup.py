@@ -22,6 +22,8 @@ from psycopg.abc import PQGen
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
+from . import _pool_internals, _wait
+
 logger = logging.getLogger("fastapi_dbpool")
 RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
@@ -39,9 +41,13 @@ def _usable(conn: AsyncConnection[Any]) -> bool:
 
 
 def close_now(conn: AsyncConnection[Any]) -> None:
-    """Drop the connection without a round trip (libpq's ``PQfinish``)."""
+    """Drop the connection without a round trip (libpq's ``PQfinish``).
+
+    A task waiting on it wakes with ``OperationalError`` (see `_wait`).
+    """
     if not conn.closed:
         conn.pgconn.finish()
+        _wait.wake_closed(conn)
 
 
 async def cancel_running_query(
@@ -144,8 +150,7 @@ def ready_for_next(conn: AsyncConnection[Any]) -> bool:
         pgconn.transaction_status == _IDLE  # UNKNOWN once closed or broken
         and pgconn.status == ConnStatus.OK
         and conn.autocommit
-        and not conn._num_transactions
-        and conn._pipeline is None
+        and not _blocks_open(conn)
         and not conn.lock.locked()
         and (pending is None or pending.is_set())
     )
@@ -162,9 +167,18 @@ async def quiesce(conn: AsyncConnection[Any], cancel_timeout: float) -> bool:
         await conn.cancel_safe(timeout=cancel_timeout)
     async with conn.lock:
         pass
-    # A `conn.transaction()` or `conn.pipeline()` block still open in some task would
-    # leave psycopg's bookkeeping wrong for the next user.
-    return not conn._num_transactions and conn._pipeline is None
+    return not _blocks_open(conn)
+
+
+def _blocks_open(conn: AsyncConnection[Any]) -> bool:
+    """Whether a `conn.transaction()` or `conn.pipeline()` block is still open in some task.
+
+    Such a block would leave psycopg's bookkeeping wrong for the next user. A psycopg that
+    keeps no such private record counts as none open, as psycopg_pool itself assumes.
+    """
+    return bool(getattr(conn, "_num_transactions", 0)) or (
+        getattr(conn, "_pipeline", None) is not None
+    )
 
 
 async def _make_idle(conn: AsyncConnection[Any], cancel_timeout: float) -> None:

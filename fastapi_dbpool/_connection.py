@@ -14,7 +14,7 @@ import inspect
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg import AsyncConnection, waiting
+from psycopg import AsyncConnection
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
 
@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
 RV = TypeVar("RV")
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
-_WAIT_INTERVAL: float = inspect.signature(AsyncConnection.wait).parameters["interval"].default
+# The fast wait replaces psycopg's only where AsyncConnection.wait() is the one it knows;
+# any other signature gets psycopg's own wait, with whatever arguments psycopg passes.
+_WAIT_PARAMS = inspect.signature(AsyncConnection.wait).parameters
+FAST_WAIT = _wait.SUPPORTED and list(_WAIT_PARAMS) == ["self", "gen", "interval", "timeout"]
+_interval = getattr(_WAIT_PARAMS.get("interval"), "default", None)
+# how often psycopg checks on a waiting statement (0.1 s in every release so far)
+_WAIT_INTERVAL: float = _interval if isinstance(_interval, float) else 0.1
 #: Bound on each cleanup step when no DBPool setting applies (DBPool's release_timeout default).
 CLEANUP_TIMEOUT = 5.0
 
@@ -120,9 +126,7 @@ class GuardedConnection(AsyncConnection[Any]):
         if mine is not None and mine.conn is self:
             raise ConnectionReleasedError()
 
-    async def wait(
-        self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL, timeout: float | None = None
-    ) -> RV:
+    async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         lease = self._dbpool_lease
         if lease is None or lease.task is not asyncio.current_task():
             self._dbpool_check_owner()  # the owner's own statements need no further check
@@ -132,19 +136,27 @@ class GuardedConnection(AsyncConnection[Any]):
             await self._dbpool_cancel_done.wait()
         self._dbpool_gen = gen
         try:
-            if timeout is None and _wait.SUPPORTED:
-                return await _wait.wait(gen, self.pgconn.socket)
-            return await waiting.wait_async(
-                gen, self.pgconn.socket, interval=interval, timeout=timeout
-            )
+            if FAST_WAIT and not args and kwargs.get("timeout") is None:
+                return await _wait.wait(gen, self)
+            return await super().wait(gen, *args, **kwargs)
         except _INTERRUPTED:
+            # psycopg's own wait may have stopped the query already; if not, do it shielded
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
                 lease = self._dbpool_lease
                 timeout = lease.cleanup_timeout if lease else CLEANUP_TIMEOUT
                 await _cleanup.cancel_running_query(
-                    self, gen, interval, timeout, send_cancel=self._dbpool_cancelled_gen is not gen
+                    self,
+                    gen,
+                    _WAIT_INTERVAL,
+                    timeout,
+                    send_cancel=self._dbpool_cancelled_gen is not gen,
                 )
             raise
+
+    async def close(self) -> None:
+        await super().close()
+        if self.closed:
+            _wait.wake_closed(self)  # a task waiting on it would wait forever (psycopg #608)
 
 
 _guarded_classes: dict[type[AsyncConnection[Any]], type[GuardedConnection]] = {}

@@ -1,28 +1,18 @@
 """Statements wait on the socket with psycopg's protocol, but start no timer each."""
 
 import asyncio
+import time
+from typing import Any
 
+import psycopg
 import pytest
 from fastapi import FastAPI
 
-from .conftest import make_db, timers_started
+from fastapi_dbpool import _connection, _wait
+
+from .conftest import Server, make_db, timers_started
 
 pytestmark = pytest.mark.anyio
-
-
-async def test_statements_start_no_timer(
-    database_url: str, app_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """psycopg's own wait starts a timer at every wait, left in the loop's heap when
-    cancelled (as it does here if the installed psycopg lacks what `_wait` uses)."""
-    db = make_db(database_url, app_name, min_size=1, max_size=1)
-    async with db.lifespan(FastAPI()), db.connection() as conn:
-        await conn.execute("SELECT 1")
-        timers = timers_started(monkeypatch)
-        for _ in range(20):
-            await conn.execute("SELECT pg_sleep(0.001)")
-        monkeypatch.undo()
-        assert timers == []
 
 
 async def test_a_statement_too_big_for_the_socket_is_sent_and_read_whole(
@@ -66,3 +56,76 @@ async def test_pipeline_mode_copy_and_notifies_run_through_the_same_waits(
         async with asyncio.timeout(5):
             notified = [n async for n in conn.notifies(stop_after=1)]
         assert [n.payload for n in notified] == ["hello"]
+
+
+@pytest.fixture(params=["fast", "psycopg"])
+def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each scenario on the package's own wait and on psycopg's, its fallback."""
+    if request.param == "fast":
+        assert _connection.FAST_WAIT, "the installed psycopg no longer takes the fast wait"
+    else:
+        monkeypatch.setattr(_connection, "FAST_WAIT", False)
+    return str(request.param)
+
+
+async def _sleep_until_closed(db: Any, out: asyncio.Future[Any]) -> BaseException:
+    async with db.connection() as conn:
+        out.set_result(conn)
+        try:
+            await conn.execute("SELECT pg_sleep(5)")
+        except BaseException as ex:
+            return ex
+    raise AssertionError("pg_sleep(5) returned although its connection was closed")
+
+
+@pytest.mark.parametrize("close", ["close", "finish"])
+async def test_a_connection_closed_under_a_waiting_statement_wakes_it(
+    database_url: str, app_name: str, server: Server, wait_path: str, close: str
+) -> None:
+    """psycopg #608 (its test_concurrent_close and test_socket_closed): a task waits on a
+    statement while another closes the connection. The selector drops the closed socket
+    silently: without a wake-up the task waits forever, and its reader stays registered on
+    a descriptor number that the next connection gets."""
+    db = make_db(database_url, app_name, min_size=1, max_size=2)
+    async with db.lifespan(FastAPI()):
+        out: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter = asyncio.create_task(_sleep_until_closed(db, out))
+        conn = await out
+        states = await asyncio.to_thread(server.wait_until, lambda s: "active" in s)
+        assert states.count("active") == 1
+        if close == "close":
+            await conn.close()
+        else:
+            conn.pgconn.finish()  # not through psycopg: only the 0.1 s sweep can see it
+        async with asyncio.timeout(3):  # before pg_sleep(5) could end it
+            error = await waiter
+        assert isinstance(error, psycopg.OperationalError), repr(error)
+        # The pool replaces the connection and keeps serving; so do new connections, which
+        # may get the closed one's descriptor number.
+        async with db.connection(timeout=5) as again:
+            assert await (await again.execute("SELECT 2")).fetchone() == (2,)
+        async with await psycopg.AsyncConnection.connect(database_url) as plain:
+            assert await (await plain.execute("SELECT 3")).fetchone() == (3,)
+    # PostgreSQL ends the closed connection's backend once its sleep notices
+    assert await asyncio.to_thread(server.wait_until, lambda s: s == [], 15) == []
+
+
+async def test_waits_share_one_sweep_and_leave_nothing_behind(
+    database_url: str, app_name: str
+) -> None:
+    """The sweep is one timer per loop while anything waits, not one per wait, and lets
+    go of a connection as soon as its wait ends."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()), db.connection() as conn:
+        await conn.execute("SELECT 1")
+        await asyncio.sleep(2 * _wait.SWEEP_INTERVAL)  # the sweep armed by that statement ends
+        monkeypatched = pytest.MonkeyPatch()
+        timers = timers_started(monkeypatched)
+        started = time.monotonic()
+        for _ in range(50):
+            await conn.execute("SELECT pg_sleep(0.001)")
+        elapsed = time.monotonic() - started
+        monkeypatched.undo()
+        assert 1 <= len(timers) <= elapsed / _wait.SWEEP_INTERVAL + 1
+        assert set(timers) == {_wait.SWEEP_INTERVAL}
+        assert conn not in _wait._sweep_for(asyncio.get_running_loop()).waits
