@@ -282,9 +282,21 @@ async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:
 
 
 async def close_pool(pool: AsyncConnectionPool[Any], timeout: float) -> None:
-    """Close `pool` within about `timeout` seconds, even if the caller is being cancelled."""
-    with anyio.move_on_after(timeout + 1.0, shield=True) as scope:
-        await pool.close(timeout=timeout)
+    """Close `pool` within about `timeout` seconds, even if the caller is being cancelled.
+
+    If psycopg_pool's close is interrupted all the same (a native ``task.cancel()``, or its
+    workers cancelled under it, as an event loop being torn down does to every task), the
+    connections it had idle are closed here: psycopg_pool takes them out of the pool first,
+    and an interrupted close would leave them open, backends and all.
+    """
+    idle = _pool_internals.idle_connections(pool)
+    try:
+        with anyio.move_on_after(timeout + 1.0, shield=True) as scope:
+            await pool.close(timeout=timeout)
+    except BaseException:
+        for conn in idle:
+            close_now(conn)
+        raise
     if scope.cancelled_caught:
         logger.warning(
             "closing pool %r took over %.1fs. hint: raise close_timeout, or stop long "

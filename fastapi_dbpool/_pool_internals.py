@@ -70,3 +70,9 @@ def stale(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -> bool:
     if expire_at is None or created_at is None or drained_at is None:
         return True
     return bool(expire_at <= time.monotonic() or created_at <= drained_at)
+
+
+def idle_connections(pool: AsyncConnectionPool[Any]) -> list[AsyncConnection[Any]]:
+    """The connections idle in `pool` now (none known, if psycopg_pool keeps them otherwise)."""
+    idle = getattr(pool, "_pool", None)
+    return list(idle) if isinstance(idle, deque) else []

@@ -252,3 +252,30 @@ async def test_a_connection_returned_just_before_shutdown_is_closed(
             async with db.connection() as conn:
                 await conn.execute("SELECT 1")
     assert server.wait_until(lambda states: not states, timeout=3.0) == []
+
+
+async def test_a_shutdown_cancelled_with_every_task_on_its_loop_leaves_no_backend(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """What an event loop being torn down does (asyncio.Runner, pytest-asyncio): it cancels
+    every task at once, the app's and psycopg_pool's workers alike. psycopg_pool's close had
+    taken the idle connections out of the pool already, and left them open."""
+    db = make_db(database_url, app_name, min_size=3, max_size=3)
+    opened = asyncio.Event()
+
+    async def run_app() -> None:
+        async with db.lifespan(FastAPI()):
+            opened.set()
+            await asyncio.Event().wait()
+
+    before = asyncio.all_tasks()  # the test runner's own tasks, this one included
+    app_task = asyncio.create_task(run_app())
+    await opened.wait()
+    assert await asyncio.to_thread(server.states) == ["idle", "idle", "idle"]
+    others = asyncio.all_tasks() - before
+    assert app_task in others
+    assert len(others) > 1  # psycopg_pool's workers
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    assert await asyncio.to_thread(server.wait_until, lambda states: states == []) == []

@@ -248,6 +248,41 @@ def test_using_the_app_on_another_loop_fails_fast_with_a_hint(
     assert leftovers() == []
 
 
+def test_after_a_wrong_loop_failure_the_apps_pool_still_closes_completely(
+    project: pytest.Pytester, leftovers: Callable[[], list[str]]
+) -> None:
+    """A module-loop test using a fixture seeded on a function loop fails with the hint;
+    then the app's shutdown was cancelled along with that loop's tasks, its idle backends
+    stayed into later tests, and the session ended blaming the user with a LeakWarning."""
+    project.makepyfile(
+        test_sample=textwrap.dedent(
+            """
+            import pytest, pytest_asyncio
+
+            @pytest_asyncio.fixture(loop_scope="function")
+            async def seeded(dbpool_client):
+                assert (await dbpool_client.post("/items", params={"name": "s"})).status_code == 200
+                return dbpool_client
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_other_loop(seeded):
+                await seeded.get("/items")
+
+            @pytest.mark.asyncio(loop_scope="function")
+            async def test_later(dbpool_client):
+                assert (await dbpool_client.get("/items")).json() == []
+            """
+        )
+    )
+    result = project.runpytest_subprocess(timeout=120)
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(["*WrongEventLoopError*loop_scope=*"])
+    assert "LeakWarning" not in out
+    assert "shutdown failed" not in out
+    assert leftovers() == []
+
+
 def test_a_commit_by_the_code_under_test_fails_the_test(
     project: pytest.Pytester, leftovers: Callable[[], list[str]]
 ) -> None:

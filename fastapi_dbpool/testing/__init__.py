@@ -6,6 +6,9 @@ builds on these; see the README, "Testing your app".
 
 from ..errors import IsolationError
 from ._app import AppHarness
+from ._databases import LeakWarning
 from ._postgres import database_url, embedded_postgres
 
-__all__ = ["AppHarness", "IsolationError", "database_url", "embedded_postgres"]
+__all__ = ["AppHarness", "IsolationError", "LeakWarning", "database_url", "embedded_postgres"]
+
+LeakWarning.__module__ = __name__

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _cleanup
 from .._pinned import Binding, binding
+from .._pool_internals import idle_connections
 from ..errors import ConfigurationError, IsolationError, WrongEventLoopError
 
 if TYPE_CHECKING:
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 
 Scope = MutableMapping[str, Any]
 _SHUTDOWN_TIMEOUT = 30.0
+#: Where harnesses that start now are recorded: the plugin sets it around each fixture's
+#: setup, and stops them when that fixture is torn down, while its event loop still runs.
+started_during: list[AppHarness] | None = None
 LOOP_HINT = (
     "hint: under pytest, the app starts on the loop of the first test or async fixture "
     "that uses dbpool_client or dbpool_app. Give the test and those fixtures the same loop "
@@ -74,6 +78,8 @@ class AppHarness:
             return
         self._loop = loop
         self._origin = _where()
+        if started_during is not None:
+            started_during.append(self)
         token = binding.set(self._binding)
         try:  # the task copies the context, binding included
             self._task = loop.create_task(self._lifespan(), name="fastapi_dbpool-test-lifespan")
@@ -119,7 +125,7 @@ class AppHarness:
                 _cleanup.close_now(runtime.pinned.conn)
             for lease in list(runtime.leases):
                 _cleanup.close_now(lease.conn)
-            for conn in list(getattr(runtime.pool, "_pool", ())):  # its idle connections
+            for conn in idle_connections(runtime.pool):
                 _cleanup.close_now(conn)
         self._check_isolation()
 
