@@ -30,7 +30,7 @@ import pytest
 
 from .. import _pinned
 from ..errors import ConfigurationError
-from . import _databases
+from . import _app, _databases
 from ._app import AppHarness
 from ._postgres import database_url
 
@@ -46,12 +46,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("dbpool_url", help=help_url, default="")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    _pinned.plugin_sessions += 1  # DBPool.from_env() may go without DATABASE_URL: we bind it
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """DBPool.from_env() may go without DATABASE_URL from now on: the fixtures bind it.
 
+    From before the first conftest.py is imported (pytest_configure comes after), since
+    a conftest that imports the app runs its module-level ``DBPool.from_env()`` then.
+    """
+    _pinned.plugin_sessions += 1
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    _pinned.plugin_sessions -= 1
+    def done() -> None:
+        _pinned.plugin_sessions -= 1
+
+    early_config.add_cleanup(done)
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +135,32 @@ def dbpool_app(request: pytest.FixtureRequest, dbpool_isolation: str) -> Iterato
 def dbpool_client(dbpool_app: AppHarness) -> Any:
     """An ``httpx.AsyncClient`` on the app (base URL ``http://test``)."""
     return dbpool_app.client()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    """An app started by an async fixture stops when that fixture is torn down.
+
+    That fixture depends on its event loop, so it goes before the loop does: the app's
+    shutdown runs on a live loop. Left to the teardown of `dbpool_app` it could come after
+    a loop of narrower scope than the test's had cancelled every task on it, psycopg_pool's
+    workers and the app's shutdown included, and left its connections open. Registered
+    before the fixture runs, so the fixture's own teardown still has the app.
+    """
+    started: list[AppHarness] = []
+    fixturedef.addfinalizer(functools.partial(_close_all, started))
+    outer, _app.started_during = _app.started_during, started
+    try:
+        return (yield)
+    finally:
+        _app.started_during = outer
+
+
+def _close_all(harnesses: list[AppHarness]) -> None:
+    for harness in harnesses:
+        harness.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

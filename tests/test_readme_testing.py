@@ -1,0 +1,68 @@
+"""The README's "Testing your app" section, run the way a user runs it.
+
+Its code blocks, read from README.md itself, become a project's conftest.py and test
+module beside a small app whose module-level ``DBPool.from_env()`` runs at import, with
+``DATABASE_URL`` unset; pytest runs in a subprocess, so the plugin loads as it does for a
+user (an in-process run inside this configured session hid that the conftest failed at
+import with ConfigurationError).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+README = Path(__file__).parent.parent / "README.md"
+
+MAIN = """
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from fastapi_dbpool import ConnectionDep, DBPool, TransactionDep
+
+db = DBPool.from_env(min_size=1, max_size=4)
+app = FastAPI(lifespan=db.lifespan)
+
+
+class Item(BaseModel):
+    name: str
+
+
+@app.post("/items", status_code=201)
+async def create(item: Item, tx: TransactionDep):
+    await tx.execute("INSERT INTO items (name) VALUES (%s)", (item.name,))
+
+
+@app.get("/items")
+async def items(conn: ConnectionDep):
+    cur = await conn.execute("SELECT name FROM items ORDER BY id")
+    return [r[0] for r in await cur.fetchall()]
+"""
+
+
+def readme_blocks(section: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
+
+
+def test_the_readme_testing_setup_passes_as_written(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conftest, tests = readme_blocks("Testing your app")
+    assert "from myproject.main import app as my_app" in conftest
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    pytester.mkpydir("myproject")
+    pytester.path.joinpath("myproject", "main.py").write_text(MAIN)
+    pytester.path.joinpath("schema.sql").write_text(
+        "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n"
+    )
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_items=tests)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(passed=2)
