@@ -14,9 +14,10 @@ import inspect
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow, tuple_row
 
 from . import _cleanup, _wait
 from .errors import ConnectionInUseError, ConnectionReleasedError
@@ -157,6 +158,19 @@ class GuardedConnection(AsyncConnection[Any]):
         await super().close()
         if self.closed:
             _wait.wake_closed(self)  # a task waiting on it would wait forever (psycopg #608)
+
+
+async def run_own(conn: AsyncConnection[Any], sql: str) -> AsyncCursor[TupleRow]:
+    """Run one of the package's own statements (a SET, a liveness probe) on `conn`.
+
+    Through a plain cursor, not the connection's ``cursor_factory``: instrumentation that
+    traces statements by setting one (OpenTelemetry's psycopg instrumentation) does not
+    see the package's housekeeping, which would show as spans of their own, outside any
+    request. Rows are tuples, whatever the user's ``row_factory``.
+    """
+    cur = AsyncCursor(conn, row_factory=tuple_row)
+    await cur.execute(sql)
+    return cur
 
 
 _guarded_classes: dict[type[AsyncConnection[Any]], type[GuardedConnection]] = {}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends
 from fastapi.params import Depends as DependsParam
 
+from ._connection import run_own
 from ._env import positive_seconds
 from .errors import ConfigurationError
 
@@ -172,8 +173,8 @@ async def apply_statement_timeout(conn: GuardedConnection, remaining: float | No
             await _set(conn, conn._dbpool_base_timeout_ms)
         return
     if conn._dbpool_base_timeout_ms is None:
-        cur = await conn.execute(
-            "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'"
+        cur = await run_own(
+            conn, "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'"
         )
         row: Any = await cur.fetchone()
         conn._dbpool_base_timeout_ms = conn._dbpool_timeout_ms = int(row[0])
@@ -199,5 +200,5 @@ async def _set(conn: GuardedConnection, ms: int | None) -> None:
         return
     # if the SET is interrupted, the next checkout sets it again
     conn._dbpool_timeout_ms = UNKNOWN_TIMEOUT
-    await conn.execute(f"SET statement_timeout = {int(ms)}")
+    await run_own(conn, f"SET statement_timeout = {int(ms)}")
     conn._dbpool_timeout_ms = ms

@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 
 from . import _cleanup
 from ._clock import Clock
-from ._connection import GuardedConnection, Lease, LeaseState, request_lease
+from ._connection import GuardedConnection, Lease, LeaseState, request_lease, run_own
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
 from ._pinned import Pinned
@@ -400,7 +400,7 @@ async def _alive(conn: GuardedConnection) -> bool:
     if not _readable(conn):
         return True
     try:
-        await conn.execute("")
+        await run_own(conn, "")
     except Exception:
         return False
     return not conn.closed and pgconn.transaction_status == TransactionStatus.IDLE
