@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._watchdog import LoopWatchdog
 
-#: Upper bounds (seconds) of the acquire-wait histogram's buckets; the last one is +Inf.
-WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
+#: Upper bounds (seconds) of the acquire-wait histogram's buckets. The +Inf bucket is
+#: implied: its count is `PoolStats.checkouts`. No bound is infinite, so a `PoolStats`
+#: serialises as JSON (FastAPI refuses ``inf``).
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass
@@ -19,7 +21,9 @@ class Counters:
 
     checkouts: int = 0
     acquire_wait_sum: float = 0.0
-    acquire_wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))
+    acquire_wait_buckets: list[int] = field(
+        default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1)  # the last: past every bound
+    )
     exhausted: int = 0
     deadline_exceeded: int = 0
     cancelled_requests: int = 0
@@ -38,7 +42,8 @@ class PoolStats:
     Gauges: ``pool_min``, ``pool_max``, ``pool_size`` (connections open), ``pool_available``
     (idle in the pool), ``requests_waiting``. Counters since the pool opened: ``checkouts``
     (connections handed out), ``acquire_wait_seconds`` (their total wait) with
-    ``acquire_wait_buckets`` (cumulative counts per `WAIT_BUCKETS` bound), ``exhausted``
+    ``acquire_wait_buckets`` (cumulative counts per `WAIT_BUCKETS` bound; the +Inf bucket
+    is ``checkouts``), ``exhausted``
     (503s), ``deadline_exceeded`` (504s while waiting for a connection),
     ``cancelled_requests`` (cut by `CancellationMiddleware`), ``discarded_on_release``
     (connections closed instead of returned), ``connection_errors`` (failed connection
@@ -89,7 +94,7 @@ def snapshot(
 
 def _cumulative(buckets: list[int]) -> tuple[tuple[float, int], ...]:
     total, out = 0, []
-    for bound, count in zip(WAIT_BUCKETS, buckets, strict=True):
+    for bound, count in zip(WAIT_BUCKETS, buckets[:-1], strict=True):
         total += count
         out.append((bound, total))
     return tuple(out)

@@ -74,7 +74,8 @@ class DBPoolCollector(Collector):
         )
         histogram.add_metric(
             label,
-            [(_bound(b), float(n)) for b, n in stats.acquire_wait_buckets],
+            [(repr(b), float(n)) for b, n in stats.acquire_wait_buckets]
+            + [("+Inf", float(stats.checkouts))],
             sum_value=stats.acquire_wait_seconds,
         )
         yield histogram
@@ -92,7 +93,3 @@ class DBPoolCollector(Collector):
                       "threshold.", stats.loop_stalls)  # fmt: skip
         yield gauge("loop_worst_lag_seconds", "Longest event-loop stall seen.",
                     stats.worst_loop_lag_seconds)  # fmt: skip
-
-
-def _bound(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import time
 
 import pytest
@@ -9,7 +11,13 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool, PoolNotRunningError
+from fastapi_dbpool import (
+    CancellationMiddleware,
+    ConnectionDep,
+    DBPool,
+    PoolNotRunningError,
+    PoolStats,
+)
 from fastapi_dbpool.prometheus import DBPoolCollector
 
 from .conftest import make_db, serve
@@ -34,6 +42,14 @@ def busy_app(db: DBPool) -> FastAPI:
         # the connection breaks: it must be discarded, not returned
         with contextlib.suppress(Exception):
             await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    @app.get("/stats")
+    async def stats():  # type: ignore[no-untyped-def]  # as a user writes it, no annotation
+        return db.stats()
+
+    @app.get("/stats/typed")
+    async def typed_stats() -> PoolStats:
+        return db.stats()
 
     @app.get("/block")
     async def block() -> None:
@@ -72,8 +88,14 @@ async def test_stats_and_prometheus_count_what_happened(database_url: str, app_n
         assert stats.discarded_on_release == 1
         assert stats.loop_stalls == 1
         assert stats.worst_loop_lag_seconds >= 0.25
-        assert stats.acquire_wait_buckets[-1] == (float("inf"), stats.checkouts)
+        assert stats.acquire_wait_buckets[-1] == (5.0, stats.checkouts)  # +Inf is checkouts
         assert stats.pool_max == 1
+        # what a route returns, as FastAPI serialises it by default
+        expected = json.loads(json.dumps(dataclasses.asdict(stats)))
+        for path in ("/stats", "/stats/typed"):
+            served = await client.get(path)
+            assert served.status_code == 200, served.text
+            assert served.json() == expected
 
         text = (await client.get("/metrics/")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
