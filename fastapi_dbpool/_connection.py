@@ -20,7 +20,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
 from . import _cleanup, _wait
-from .errors import ConnectionInUseError, ConnectionReleasedError
+from .errors import ConfigurationError, ConnectionInUseError, ConnectionReleasedError
 
 if TYPE_CHECKING:
     from ._deadline import RequestControl
@@ -185,3 +185,21 @@ def guarded_class(cls: type[AsyncConnection[Any]]) -> type[GuardedConnection]:
     if cls not in _guarded_classes:
         _guarded_classes[cls] = type(f"Guarded{cls.__name__}", (GuardedConnection, cls), {})
     return _guarded_classes[cls]
+
+
+def check_connects_as(cls: type[GuardedConnection]) -> None:
+    """Refuse to open a pool whose `cls.connect` would make connections of another class.
+
+    psycopg_pool calls ``connection_class.connect()``. Where something replaced psycopg's
+    classmethod with a method bound to `AsyncConnection` (OpenTelemetry's
+    ``PsycopgInstrumentor().uninstrument()`` does, up to 0.66b1 at least), every
+    connection would come out unguarded.
+    """
+    made_by = getattr(cls.connect, "__self__", cls)
+    if made_by is not cls:
+        raise ConfigurationError(
+            f"{cls.__name__}.connect() makes {getattr(made_by, '__name__', made_by)} "
+            "connections: psycopg.AsyncConnection.connect is no longer a classmethod (an "
+            "instrumentation's uninstrument() can leave it so). Re-instrument, or restore "
+            "it before the app starts."
+        )

@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import _cleanup, _dsn, _env, _pinned
-from ._connection import CLEANUP_TIMEOUT, guarded_class, request_lease
+from ._connection import CLEANUP_TIMEOUT, check_connects_as, guarded_class, request_lease
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
 from ._pool_internals import can_return_now
@@ -234,6 +234,7 @@ class DBPool:
                 "database. Under pytest, run the app through the dbpool_app or dbpool_client "
                 "fixtures, which open it on a test database, or set DATABASE_URL."
             )
+        check_connects_as(self._pool_kwargs["connection_class"])
         conninfo = self._conninfo if bound is None else bound.conninfo
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo, open=False, **self._pool_kwargs

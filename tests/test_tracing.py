@@ -8,6 +8,7 @@ a root trace outside any request.
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -17,7 +18,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from fastapi_dbpool import CancellationMiddleware, ConnectionDep, TransactionDep, deadline
+from fastapi_dbpool import (
+    CancellationMiddleware,
+    ConfigurationError,
+    ConnectionDep,
+    TransactionDep,
+    deadline,
+)
 
 from .conftest import Server, make_db, serve
 
@@ -30,7 +37,18 @@ def provider() -> TracerProvider:
 
 
 @pytest.fixture
-def spans(provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
+def restore_connect() -> Iterator[None]:
+    """Put psycopg's connect classmethods back: uninstrument() leaves bound methods."""
+    saved = {cls: vars(cls)["connect"] for cls in (psycopg.Connection, psycopg.AsyncConnection)}
+    try:
+        yield
+    finally:
+        for cls, connect in saved.items():
+            cls.connect = connect  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def spans(provider: TracerProvider, restore_connect: None) -> Iterator[InMemorySpanExporter]:
     """Every span, psycopg's and the requests', as the usual set-up records them."""
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -93,3 +111,20 @@ async def test_only_the_apps_statements_are_traced_each_in_its_request(
     assert len(requests) == 4
     in_requests = [s for s in queries if _statement(s) != "SELECT 'job'"]
     assert all(s.parent is not None and s.context.trace_id in requests for s in in_requests)
+
+
+async def test_after_uninstrument_an_app_refuses_to_start_with_the_cause(
+    database_url: str, app_name: str, server: Server, restore_connect: None
+) -> None:
+    """uninstrument() leaves AsyncConnection.connect bound to AsyncConnection: a pool would
+    make unguarded connections, and fail at its first checkout."""
+    PsycopgInstrumentor().instrument()
+    PsycopgInstrumentor().uninstrument()
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    app = FastAPI(lifespan=db.lifespan)
+    with pytest.raises(ConfigurationError, match="no longer a classmethod"):
+        async with db.lifespan(app):
+            pass
+    assert server.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", app_name
+    ) == [(0,)]
