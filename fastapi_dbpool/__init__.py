@@ -32,6 +32,7 @@ from .errors import (
     PoolExhaustedError,
     PoolNotRunningError,
     PoolOpenError,
+    SessionStateError,
     WrongEventLoopError,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "PoolNotRunningError",
     "PoolOpenError",
     "PoolStats",
+    "SessionStateError",
     "StreamTransactionDep",
     "TransactionDep",
     "WrongEventLoopError",

@@ -109,6 +109,7 @@ class GuardedConnection(AsyncConnection[Any]):
     _dbpool_cancel_done: Any = None  # set once the middleware's cancel request was delivered
     _dbpool_poller: Any = None  # a select.poll() on the socket, for the liveness check
     _dbpool_returned_to: object = None  # the pool runtime that knows it was given back
+    _dbpool_local_timeouts = False  # deadlines per transaction, not per session (_pooler)
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease

@@ -136,6 +136,11 @@ def _timeout_ms(remaining: float) -> tuple[int, int]:
     return max(1, steps * step_ms), step_ms
 
 
+def statement_timeout_ms(remaining: float) -> int:
+    """The statement_timeout (ms) that bounds a statement by `remaining` seconds."""
+    return _timeout_ms(remaining)[0]
+
+
 def _rounded(remaining: float) -> tuple[float, int]:
     """The step `remaining` (plus the margin) is rounded in, and how many steps it rounds up to."""
     remaining += STATEMENT_TIMEOUT_MARGIN

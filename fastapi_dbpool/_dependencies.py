@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 
 from ._cleanup import roll_back
 from ._connection import Lease, held_lease
+from ._pooler import bound_transaction
 from ._state import runtime_of
 from ._transaction import begin, commit, transaction
 
@@ -47,6 +48,8 @@ async def _transaction(connection: HTTPConnection) -> AsyncIterator[AsyncConnect
     try:
         tx = await begin(lease.conn)
         try:
+            if lease.conn._dbpool_local_timeouts:
+                await bound_transaction(lease.conn)
             yield lease.conn
         except BaseException as exc:
             await roll_back(tx, exc, lease.cleanup_timeout)

@@ -12,6 +12,18 @@ import psycopg
 from . import _dsn
 from .errors import ConfigurationError
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def boolean(value: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case); ValueError otherwise."""
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(value)
+
+
 #: ``DBPOOL_*`` variable -> (DBPool keyword, type)
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_MIN_SIZE": ("min_size", int),
@@ -23,6 +35,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_OPEN_TIMEOUT": ("open_timeout", float),
     "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
     "DBPOOL_NAME": ("name", str),
+    "DBPOOL_TRANSACTION_POOLER": ("transaction_pooler", boolean),
 }
 
 
@@ -70,6 +83,7 @@ def read(environ: Mapping[str, str], *, url_required: bool = True) -> tuple[str,
             settings[keyword] = convert(value.strip())
         except ValueError:
             raise ConfigurationError(
-                f"{var}={value!r} is not a valid {convert.__name__}."
+                f"{var}={value!r} is not a valid {convert.__name__}"
+                + (" (1/0, true/false, yes/no, on/off)." if convert is boolean else ".")
             ) from None
     return url, settings

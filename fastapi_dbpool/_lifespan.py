@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,8 +16,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _cleanup, _dsn, _env, _pinned
-from ._connection import CLEANUP_TIMEOUT, check_connects_as, guarded_class, request_lease
+from . import _cleanup, _config, _dsn, _env, _pinned, _pooler
+from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
 from ._pool_internals import can_return_now
@@ -28,12 +27,6 @@ from ._watchdog import LoopWatchdog
 from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
 
 logger = logging.getLogger("fastapi_dbpool")
-
-_OURS = {
-    "open": "the lifespan opens the pool; drop open=",
-    "timeout": "the wait for a connection is bounded per request by acquire_timeout=; "
-    "pass that instead of timeout=",
-}
 
 
 class DBPool:
@@ -57,6 +50,11 @@ class DBPool:
       event loop is blocked longer than this (``time.sleep``, blocking I/O, heavy CPU).
     - ``allow_concurrent_tasks`` (False): let tasks spawned by a request use its
       connection while the request holds it (psycopg runs their statements one at a time).
+    - ``transaction_pooler`` (None): True behind a pooler that pools by transaction
+      (PgBouncer ``pool_mode=transaction``, RDS Proxy, Supavisor...): no prepared
+      statements, deadlines as transaction-local timeouts, session-level statements
+      refused (`SessionStateError`). None: a pooler found at open is warned about;
+      False: connected directly or through a session pooler, no warning.
 
     Nothing connects and nothing binds to an event loop until `lifespan` runs, so a
     DBPool can be created at import time. Misconfiguration raises `ConfigurationError`
@@ -74,6 +72,7 @@ class DBPool:
         retry_after: int = 1,
         allow_concurrent_tasks: bool = False,
         watchdog: float | None = 0.1,
+        transaction_pooler: bool | None = None,
         **pool_kwargs: Any,
     ) -> None:
         if not isinstance(conninfo, str):
@@ -84,9 +83,6 @@ class DBPool:
             raise ConfigurationError(
                 f"The connection string is malformed: {_dsn.scrub(str(ex))}."
             ) from None
-        for key, why in _OURS.items():
-            if key in pool_kwargs:
-                raise ConfigurationError(f"DBPool does not take {key}=: {why}.")
         self._conninfo = conninfo
         self._settings = Settings(
             acquire_timeout=_env.positive_seconds("acquire_timeout", acquire_timeout),
@@ -95,12 +91,15 @@ class DBPool:
             release_timeout=_env.positive_seconds("release_timeout", release_timeout),
             retry_after=max(1, math.ceil(retry_after)),
             allow_concurrent_tasks=bool(allow_concurrent_tasks),
+            transaction_pooler=None if transaction_pooler is None else bool(transaction_pooler),
             watchdog=None
             if watchdog is None
             else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
         )
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
-        self._pool_kwargs = self._with_our_defaults(pool_kwargs, params)
+        self._pool_kwargs = _config.pool_kwargs(
+            self.name, pool_kwargs, params, transaction_pooler=bool(transaction_pooler)
+        )
         self._runtime: PoolRuntime | None = None
         self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
         try:  # psycopg_pool checks sizes and names; nothing connects with open=False
@@ -134,37 +133,6 @@ class DBPool:
             db._unbound = True
             return db
         return cls(url, **{**settings, **overrides})
-
-    def _with_our_defaults(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
-        conn_kwargs = kwargs.get("kwargs")
-        if callable(conn_kwargs):
-            user_kwargs = conn_kwargs
-
-            async def resolved() -> dict[str, Any]:
-                return self._connect_kwargs(await _resolve_kwargs(user_kwargs), params)
-
-            kwargs["kwargs"] = resolved
-        else:
-            kwargs["kwargs"] = self._connect_kwargs(dict(conn_kwargs or {}), params)
-        kwargs["connection_class"] = guarded_class(kwargs.get("connection_class", AsyncConnection))
-        if kwargs.get("check") is not None:
-            kwargs["check"] = _outside_requests(kwargs["check"])
-        # With a reset callback, psycopg_pool's putconn() queues the return for its own
-        # worker without awaiting. Without one it awaits its lock after detaching the
-        # connection, and a task.cancel() landing there loses the connection's pool slot.
-        kwargs["reset"] = kwargs.get("reset") or _keep_as_is
-        return kwargs
-
-    def _connect_kwargs(self, kwargs: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
-        if kwargs.get("autocommit", True) is not True:
-            raise ConfigurationError(
-                "DBPool connections are in autocommit mode; use TransactionDep or "
-                "`async with conn.transaction():` for transactions instead of autocommit=False."
-            )
-        kwargs["autocommit"] = True
-        if "application_name" not in params:
-            kwargs.setdefault("application_name", self.name)
-        return kwargs
 
     def __repr__(self) -> str:
         state = "running" if self._runtime else "stopped"
@@ -252,7 +220,7 @@ class DBPool:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
                 runtime = PoolRuntime(pool, self._settings)
-                ours = self._pool_kwargs["reset"] is _keep_as_is
+                ours = self._pool_kwargs["reset"] is _config.keep_as_is
                 runtime.hand_over = ours and self._pool_kwargs.get("check") is None
                 runtime.direct_return = ours and can_return_now(pool)
                 if bound is not None:
@@ -275,9 +243,21 @@ class DBPool:
 
     async def _preflight(self, pool: AsyncConnectionPool[Any], conninfo: str) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
-        kwargs = await _resolve_kwargs(pool.kwargs)
+        kwargs = await _config.resolve_kwargs(pool.kwargs)
         conn = await AsyncConnection.connect(conninfo, **kwargs)
-        await conn.close()
+        try:
+            if self._settings.transaction_pooler is None and await _pooler.detect(conn):
+                logger.warning(
+                    "pool %r: a connection pooler stands between the app and PostgreSQL "
+                    "(the backend PID it reports is not the server's); if it pools by "
+                    "transaction (PgBouncer pool_mode=transaction, RDS Proxy, Supavisor), "
+                    "session state leaks between clients. hint: set "
+                    "DBPool(transaction_pooler=True) or DBPOOL_TRANSACTION_POOLER=1; if it "
+                    "pools by session, transaction_pooler=False silences this.",
+                    self.name,
+                )
+        finally:
+            await conn.close()
 
     async def _close(self, runtime: PoolRuntime) -> None:
         runtime.closing = True
@@ -322,35 +302,8 @@ class DBPool:
             yield conn
 
 
-async def _resolve_kwargs(source: Any) -> dict[str, Any]:
-    """A psycopg_pool ``kwargs=`` value as a dict: a mapping, or a (sync or async) callable."""
-    got = source() if callable(source) else source
-    if inspect.isawaitable(got):
-        got = await got
-    return dict(got or {})
-
-
-async def _keep_as_is(conn: AsyncConnection[Any]) -> None:
-    """A reset that changes nothing: connections come back idle already (see give_back)."""
-
-
 def _cancel_requests() -> int:
     """How many cancellations of the current task are pending (0 before Python 3.11)."""
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return int(cancelling()) if cancelling else 0
-
-
-def _outside_requests(
-    check: Callable[[Any], Awaitable[None]],
-) -> Callable[[Any], Awaitable[None]]:
-    """psycopg_pool runs `check` in the task asking for a connection, before it is ours."""
-
-    async def checked(conn: Any) -> None:
-        token = request_lease.set(None)
-        try:
-            await check(conn)
-        finally:
-            request_lease.reset(token)
-
-    return checked

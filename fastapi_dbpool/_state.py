@@ -52,6 +52,7 @@ class Settings:
     retry_after: int
     allow_concurrent_tasks: bool
     watchdog: float | None = None
+    transaction_pooler: bool | None = None
 
 
 class PoolRuntime:
@@ -60,6 +61,8 @@ class PoolRuntime:
     def __init__(self, pool: AsyncConnectionPool[Any], settings: Settings) -> None:
         self.pool = pool
         self.settings = settings
+        # a session statement_timeout per deadline; never behind a transaction pooler
+        self.session_timeouts = not settings.transaction_pooler
         self.loop = asyncio.get_running_loop()
         self.thread = threading.current_thread().name
         self.leases: set[Lease] = set()
@@ -177,15 +180,8 @@ class PoolRuntime:
             try:
                 alive = not conn.closed if self.pinned is not None else await _alive(conn)
                 if alive:
-                    left = math.inf  # no deadline, or no longer obeyed (the response ended)
-                    if control is not None and control.active:
-                        left = control.deadline - time.monotonic()
-                    if left != math.inf:
-                        left = max(left, 0.0)
-                        if not timeout_fits(conn, left):
-                            await apply_statement_timeout(conn, left)
-                    elif conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
-                        await apply_statement_timeout(conn, None)
+                    if self.session_timeouts:
+                        await self._bound_session(conn, control)
                     if for_request:
                         request_lease.set(lease)
                     self.counters.waited(time.monotonic() - started)
@@ -196,6 +192,18 @@ class PoolRuntime:
             logger.info("discarding a dead connection of pool %r", self.pool.name)
             _cleanup.close_now(conn)
             await self.release(lease)
+
+    async def _bound_session(self, conn: GuardedConnection, control: RequestControl | None) -> None:
+        """The request's deadline as `conn`'s statement_timeout, or the session's own back."""
+        left = math.inf  # no deadline, or no longer obeyed (the response ended)
+        if control is not None and control.active:
+            left = control.deadline - time.monotonic()
+        if left != math.inf:
+            left = max(left, 0.0)
+            if not timeout_fits(conn, left):
+                await apply_statement_timeout(conn, left)
+        elif conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
+            await apply_statement_timeout(conn, None)
 
     def _ran_out(self, control: RequestControl) -> DeadlineExceededError:
         """The request's deadline came while it waited for a connection: count it once."""

@@ -10,6 +10,7 @@ from psycopg import AsyncConnection, AsyncTransaction, Rollback
 
 from . import _cleanup
 from ._deadline import RequestControl
+from ._pooler import bound_transaction
 
 
 @asynccontextmanager
@@ -26,6 +27,8 @@ async def transaction(
     """
     tx = await begin(conn)
     try:
+        if getattr(conn, "_dbpool_local_timeouts", False):
+            await bound_transaction(conn)
         yield conn
     except BaseException as exc:
         await _cleanup.roll_back(tx, exc, rollback_timeout)

@@ -9,6 +9,7 @@
     ├── PoolOpenError           startup could not reach PostgreSQL in time
     ├── PoolExhaustedError      no connection within the acquire timeout (an HTTP 503)
     ├── DeadlineExceededError   the request's deadline ran out (an HTTP 504)
+    ├── SessionStateError       a session-level statement refused behind a transaction pooler
     └── ConnectionMisuseError   a connection used outside the request and task it belongs to
         ├── ConnectionReleasedError   used after its request ended
         └── ConnectionInUseError      used by a second task while its request holds it
@@ -32,6 +33,7 @@ __all__ = [
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
+    "SessionStateError",
     "WrongEventLoopError",
 ]
 
@@ -127,6 +129,15 @@ class DeadlineExceededError(DBPoolError, HTTPException):
 
     def __str__(self) -> str:
         return f"{self.status_code}: {self.detail}"
+
+
+class SessionStateError(DBPoolError, RuntimeError):
+    """A statement that sets or relies on session state, refused before it was sent.
+
+    Only with ``DBPool(transaction_pooler=True)``: behind a transaction pooler a session
+    ``SET``, ``LISTEN``, ``PREPARE`` or a session advisory lock would be shared with other
+    clients, or lost at the next statement. The message names the alternative.
+    """
 
 
 class ConnectionMisuseError(DBPoolError, RuntimeError):

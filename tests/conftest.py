@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import DBPool, testing
 
+from . import _pgbouncer
+
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
@@ -43,7 +45,8 @@ class Server:
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True, application_name="t_monitor") as conn:
-            return conn.execute(sql, params).fetchall()
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
 
     def states(self) -> list[str]:
         rows = self.query(
@@ -115,3 +118,12 @@ async def serve(app: FastAPI, db: DBPool) -> AsyncIterator[httpx.AsyncClient]:
 def dbpool_server_url(database_url: str) -> str:
     """The plugin's test databases go on the suite's server (no second embedded one)."""
     return database_url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(database_url: str) -> Iterator[_pgbouncer.PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the suite's server."""
+    if _pgbouncer.binary() is None:
+        pytest.skip("Debian's pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)")
+    with _pgbouncer.running(database_url) as bouncer:
+        yield bouncer

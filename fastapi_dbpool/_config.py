@@ -1,0 +1,93 @@
+"""What DBPool hands psycopg_pool: the user's pool settings with the package's defaults."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from . import _pooler
+from ._connection import guarded_class, request_lease
+from .errors import ConfigurationError
+
+#: psycopg_pool settings the package owns, and what to pass instead
+OURS = {
+    "open": "the lifespan opens the pool; drop open=",
+    "timeout": "the wait for a connection is bounded per request by acquire_timeout=; "
+    "pass that instead of timeout=",
+}
+
+
+def pool_kwargs(
+    name: str, kwargs: dict[str, Any], params: dict[str, str], *, transaction_pooler: bool
+) -> dict[str, Any]:
+    """`kwargs` for `AsyncConnectionPool`, with the connection class and defaults we need."""
+    for key, why in OURS.items():
+        if key in kwargs:
+            raise ConfigurationError(f"DBPool does not take {key}=: {why}.")
+    conn_kwargs = kwargs.get("kwargs")
+    if callable(conn_kwargs):
+        user_kwargs = conn_kwargs
+
+        async def resolved() -> dict[str, Any]:
+            got = await resolve_kwargs(user_kwargs)
+            return connect_kwargs(name, got, params, transaction_pooler)
+
+        kwargs["kwargs"] = resolved
+    else:
+        kwargs["kwargs"] = connect_kwargs(name, dict(conn_kwargs or {}), params, transaction_pooler)
+    guarded = guarded_class(kwargs.get("connection_class", AsyncConnection))
+    kwargs["connection_class"] = _pooler.pooler_class(guarded) if transaction_pooler else guarded
+    if kwargs.get("check") is not None:
+        kwargs["check"] = _outside_requests(kwargs["check"])
+    # With a reset callback, psycopg_pool's putconn() queues the return for its own
+    # worker without awaiting. Without one it awaits its lock after detaching the
+    # connection, and a task.cancel() landing there loses the connection's pool slot.
+    kwargs["reset"] = kwargs.get("reset") or keep_as_is
+    return kwargs
+
+
+def connect_kwargs(
+    name: str, kwargs: dict[str, Any], params: dict[str, str], transaction_pooler: bool
+) -> dict[str, Any]:
+    """The keyword arguments of each ``connect()``: autocommit, our application_name."""
+    if kwargs.get("autocommit", True) is not True:
+        raise ConfigurationError(
+            "DBPool connections are in autocommit mode; use TransactionDep or "
+            "`async with conn.transaction():` for transactions instead of autocommit=False."
+        )
+    kwargs["autocommit"] = True
+    if "application_name" not in params:
+        kwargs.setdefault("application_name", name)
+    if transaction_pooler:
+        _pooler.check_settings(params, kwargs)
+    return kwargs
+
+
+async def resolve_kwargs(source: Any) -> dict[str, Any]:
+    """A psycopg_pool ``kwargs=`` value as a dict: a mapping, or a (sync or async) callable."""
+    got = source() if callable(source) else source
+    if inspect.isawaitable(got):
+        got = await got
+    return dict(got or {})
+
+
+async def keep_as_is(conn: AsyncConnection[Any]) -> None:
+    """A reset that changes nothing: connections come back idle already (see give_back)."""
+
+
+def _outside_requests(
+    check: Callable[[Any], Awaitable[None]],
+) -> Callable[[Any], Awaitable[None]]:
+    """psycopg_pool runs `check` in the task asking for a connection, before it is ours."""
+
+    async def checked(conn: Any) -> None:
+        token = request_lease.set(None)
+        try:
+            await check(conn)
+        finally:
+            request_lease.reset(token)
+
+    return checked
