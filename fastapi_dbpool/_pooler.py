@@ -33,7 +33,7 @@ from .errors import ConfigurationError, SessionStateError
 
 _LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S)
 _FIRST_WORDS = re.compile(r"([A-Za-z]+)(?:\s+([A-Za-z]+))?")
-_SESSION_LOCK = re.compile(r"\bpg_(?:try_)?advisory_(?:un)?lock(?:_shared)?\s*\(", re.I)
+_SESSION_LOCK = re.compile(r"\bpg_(?:try_)?advisory_(?:un)?lock(?:_shared|_all)?\s*\(", re.I)
 # SET forms that change only the current transaction
 _SET_OK = {"LOCAL", "TRANSACTION", "CONSTRAINTS"}
 

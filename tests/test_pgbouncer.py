@@ -195,6 +195,10 @@ async def test_the_guarantees_hold_through_the_pooler(
         await tx.execute(f"INSERT INTO {table} VALUES (%s)", [name])
         await tx.execute(f"SELECT pg_sleep(30), '{app_name}'")
 
+    @app.get("/slow-autocommit", dependencies=[deadline(0.5)])
+    async def slow_autocommit(conn: ConnectionDep) -> None:
+        await conn.execute(f"SELECT pg_sleep(30), '{app_name}'")
+
     @app.get("/hold")
     async def hold(conn: ConnectionDep) -> None:
         await conn.execute("SELECT pg_sleep(1)")
@@ -212,7 +216,8 @@ async def test_the_guarantees_hold_through_the_pooler(
 
     def sleeping() -> list[tuple[Any, ...]]:
         return server.query(
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+            "AND pid <> pg_backend_pid()",
             f"%pg_sleep(30), '{app_name}'%",
         )
 
@@ -229,6 +234,13 @@ async def test_the_guarantees_hold_through_the_pooler(
             await asyncio.sleep(0.05)
         assert sleeping() == []
         assert names() == ["kept"]
+        # an autocommit statement has no statement_timeout here: the middleware's cancel cuts it
+        assert (await client.get("/slow-autocommit")).status_code == 504
+        for _ in range(50):
+            if not sleeping():
+                break
+            await asyncio.sleep(0.05)
+        assert sleeping() == []
 
         holders = [asyncio.create_task(client.get("/hold")) for _ in range(2)]
         await asyncio.sleep(0.2)
@@ -263,6 +275,7 @@ async def test_session_statements_are_refused_with_the_alternative(
             "PREPARE q AS SELECT 1": "prepared statements",
             "SELECT pg_advisory_lock(42)": "pg_advisory_xact_lock",
             "SELECT pg_try_advisory_lock_shared(42)": "pg_advisory_xact_lock",
+            "SELECT pg_advisory_unlock_all()": "pg_advisory_xact_lock",
         }
         for statement, fix in refused.items():
             with pytest.raises(SessionStateError, match=fix):
@@ -280,3 +293,28 @@ async def test_session_statements_are_refused_with_the_alternative(
             assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
         assert other.execute("SELECT pg_try_advisory_lock(42)").fetchone() == (True,)
         other.execute("SELECT pg_advisory_unlock(42)")
+
+
+async def test_an_isolation_level_set_on_the_connection_survives_the_deadline(
+    app_name: str, pgbouncer: PgBouncer
+) -> None:
+    async def serializable(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+
+    db = pooled(pgbouncer, app_name, configure=serializable)
+    app = FastAPI(lifespan=db.lifespan)
+
+    @app.get("/isolation", dependencies=[deadline(2)])
+    async def isolation(tx: TransactionDep) -> list[str]:
+        shown = []
+        for setting in ("transaction_isolation", "statement_timeout"):
+            row = await (await tx.execute(f"SHOW {setting}")).fetchone()
+            assert row is not None
+            shown.append(str(row[0]))
+        return shown
+
+    app.add_middleware(CancellationMiddleware, timeout=10)
+    async with serve(app, db) as client:
+        level, timeout = (await client.get("/isolation")).json()
+    assert level == "serializable"  # in the BEGIN, before the deadline's set_config
+    assert timeout != "0"
