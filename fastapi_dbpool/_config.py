@@ -9,6 +9,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from . import _pooler
+from ._connect_errors import ConnectLog, recording_class
 from ._connection import guarded_class, request_lease
 from .errors import ConfigurationError
 
@@ -21,7 +22,12 @@ OURS = {
 
 
 def pool_kwargs(
-    name: str, kwargs: dict[str, Any], params: dict[str, str], *, transaction_pooler: bool
+    name: str,
+    kwargs: dict[str, Any],
+    params: dict[str, str],
+    *,
+    transaction_pooler: bool,
+    connect_log: ConnectLog,
 ) -> dict[str, Any]:
     """`kwargs` for `AsyncConnectionPool`, with the connection class and defaults we need."""
     for key, why in OURS.items():
@@ -32,14 +38,19 @@ def pool_kwargs(
         user_kwargs = conn_kwargs
 
         async def resolved() -> dict[str, Any]:
-            got = await resolve_kwargs(user_kwargs)
+            try:
+                got = await resolve_kwargs(user_kwargs)
+            except Exception as ex:  # psycopg_pool only logs it: say why connections fail
+                connect_log.failed(ex)
+                raise
             return connect_kwargs(name, got, params, transaction_pooler)
 
         kwargs["kwargs"] = resolved
     else:
         kwargs["kwargs"] = connect_kwargs(name, dict(conn_kwargs or {}), params, transaction_pooler)
     guarded = guarded_class(kwargs.get("connection_class", AsyncConnection))
-    kwargs["connection_class"] = _pooler.pooler_class(guarded) if transaction_pooler else guarded
+    cls = _pooler.pooler_class(guarded) if transaction_pooler else guarded
+    kwargs["connection_class"] = recording_class(cls, connect_log)
     if kwargs.get("check") is not None:
         kwargs["check"] = _outside_requests(kwargs["check"])
     # With a reset callback, psycopg_pool's putconn() queues the return for its own

@@ -20,6 +20,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
 from . import _cleanup, _wait
+from ._connect_errors import RecordingConnect
 from .errors import ConfigurationError, ConnectionInUseError, ConnectionReleasedError
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def guarded_class(cls: type[AsyncConnection[Any]]) -> type[GuardedConnection]:
     return _guarded_classes[cls]
 
 
-def check_connects_as(cls: type[GuardedConnection]) -> None:
+def check_connects_as(cls: type[Any]) -> None:
     """Refuse to open a pool whose `cls.connect` would make connections of another class.
 
     psycopg_pool calls ``connection_class.connect()``. Where something replaced psycopg's
@@ -196,7 +197,10 @@ def check_connects_as(cls: type[GuardedConnection]) -> None:
     ``PsycopgInstrumentor().uninstrument()`` does, up to 0.66b1 at least), every
     connection would come out unguarded.
     """
-    made_by = getattr(cls.connect, "__self__", cls)
+    # past the pool's own recording override, to the connect() it calls
+    past: Any = super(RecordingConnect, cls) if issubclass(cls, RecordingConnect) else cls
+    connect = past.connect
+    made_by = getattr(connect, "__self__", cls)
     if made_by is not cls:
         raise ConfigurationError(
             f"{cls.__name__}.connect() makes {getattr(made_by, '__name__', made_by)} "

@@ -68,6 +68,9 @@ async def _unready_reason(runtime: PoolRuntime | None, timeout: float) -> str | 
             except psycopg.Error as ex:
                 return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
     except DBPoolError:
+        failure = runtime.connect_log.current
+        if failure is not None:
+            return f"no connection within {timeout:g}s: new connections fail: {failure}"
         return f"no connection within {timeout:g}s"
     return None
 

@@ -17,6 +17,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import _cleanup, _config, _dsn, _env, _pinned, _pooler
+from ._connect_errors import ConnectLog
 from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
@@ -97,8 +98,13 @@ class DBPool:
             else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
         )
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
+        self._connect_log = ConnectLog()
         self._pool_kwargs = _config.pool_kwargs(
-            self.name, pool_kwargs, params, transaction_pooler=bool(transaction_pooler)
+            self.name,
+            pool_kwargs,
+            params,
+            transaction_pooler=bool(transaction_pooler),
+            connect_log=self._connect_log,
         )
         self._runtime: PoolRuntime | None = None
         self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
@@ -147,7 +153,9 @@ class DBPool:
 
     def _snapshot(self, runtime: PoolRuntime) -> PoolStats:
         """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
-        return snapshot(self.name, runtime.pool_stats(), runtime.counters, runtime.watchdog)
+        return snapshot(
+            self.name, runtime.pool_stats(), runtime.counters, runtime.watchdog, runtime.connect_log
+        )
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -203,6 +211,7 @@ class DBPool:
                 "fixtures, which open it on a test database, or set DATABASE_URL."
             )
         check_connects_as(self._pool_kwargs["connection_class"])
+        self._connect_log.reset()
         conninfo = self._conninfo if bound is None else bound.conninfo
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo, open=False, **self._pool_kwargs
@@ -219,7 +228,7 @@ class DBPool:
                 if _cancel_requests() > cancels:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
-                runtime = PoolRuntime(pool, self._settings)
+                runtime = PoolRuntime(pool, self._settings, self._connect_log)
                 ours = self._pool_kwargs["reset"] is _config.keep_as_is
                 runtime.hand_over = ours and self._pool_kwargs.get("check") is None
                 runtime.direct_return = ours and can_return_now(pool)
@@ -243,7 +252,14 @@ class DBPool:
 
     async def _preflight(self, pool: AsyncConnectionPool[Any], conninfo: str) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
-        kwargs = await _config.resolve_kwargs(pool.kwargs)
+        try:
+            kwargs = await _config.resolve_kwargs(pool.kwargs)
+        except Exception as ex:
+            raise PoolOpenError(
+                _dsn.describe(conninfo),
+                self._settings.open_timeout,
+                f"the kwargs= callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            ) from None
         conn = await AsyncConnection.connect(conninfo, **kwargs)
         try:
             if self._settings.transaction_pooler is None and await _pooler.detect(conn):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._connect_errors import ConnectLog
     from ._watchdog import LoopWatchdog
 
 #: Upper bounds (seconds) of the acquire-wait histogram's buckets. The +Inf bucket is
@@ -47,7 +48,12 @@ class PoolStats:
     (503s), ``deadline_exceeded`` (504s while waiting for a connection),
     ``cancelled_requests`` (cut by `CancellationMiddleware`), ``discarded_on_release``
     (connections closed instead of returned), ``connection_errors`` (failed connection
-    attempts), ``loop_stalls`` and ``worst_loop_lag_seconds`` (from the watchdog).
+    attempts) with ``connection_errors_by_cause`` (the package's count, by cause:
+    ``authentication``,
+    ``too_many_connections``, ``read_only``, ``dns``, ``refused``, ``timeout``, ``other``),
+    ``loop_stalls`` and ``worst_loop_lag_seconds`` (from the watchdog).
+    ``last_connection_error``: why new connections fail, ``"<message> (<cause>)"`` without
+    secrets, while they do; None once a connection opens again.
     """
 
     name: str
@@ -66,10 +72,16 @@ class PoolStats:
     connection_errors: int
     loop_stalls: int
     worst_loop_lag_seconds: float
+    connection_errors_by_cause: dict[str, int]
+    last_connection_error: str | None
 
 
 def snapshot(
-    name: str, pool: dict[str, int], counters: Counters, watchdog: LoopWatchdog | None
+    name: str,
+    pool: dict[str, int],
+    counters: Counters,
+    watchdog: LoopWatchdog | None,
+    connect_log: ConnectLog,
 ) -> PoolStats:
     """A `PoolStats` from psycopg_pool's ``get_stats()``, our counters and the watchdog."""
     return PoolStats(
@@ -89,6 +101,8 @@ def snapshot(
         connection_errors=pool.get("connections_errors", 0),
         loop_stalls=watchdog.stalls if watchdog else 0,
         worst_loop_lag_seconds=watchdog.worst_lag if watchdog else 0.0,
+        connection_errors_by_cause=dict(connect_log.by_cause),
+        last_connection_error=None if connect_log.current is None else str(connect_log.current),
     )
 
 

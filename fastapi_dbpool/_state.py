@@ -21,6 +21,7 @@ from starlette.requests import HTTPConnection
 
 from . import _cleanup
 from ._clock import Clock
+from ._connect_errors import ConnectLog
 from ._connection import GuardedConnection, Lease, LeaseState, request_lease, run_own
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
@@ -58,9 +59,12 @@ class Settings:
 class PoolRuntime:
     """One opened pool, bound to the event loop that opened it."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any], settings: Settings) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Any], settings: Settings, connect_log: ConnectLog
+    ) -> None:
         self.pool = pool
         self.settings = settings
+        self.connect_log = connect_log  # why new connections fail, while they do
         # a session statement_timeout per deadline; never behind a transaction pooler
         self.session_timeouts = not settings.transaction_pooler
         self.loop = asyncio.get_running_loop()
@@ -371,6 +375,18 @@ class PoolRuntime:
         now = time.monotonic()
         if now - self._last_exhaustion_log >= _EXHAUSTION_LOG_EVERY:
             self._last_exhaustion_log = now
+            failure = self.connect_log.current
+            if failure is not None:  # not a busy pool: the server refuses new connections
+                logger.warning(
+                    "pool %r exhausted, answering 503: %s; new connections fail: %s "
+                    "(stats: %s). hint: %s",
+                    self.pool.name,
+                    ex,
+                    failure,
+                    self.pool.get_stats(),
+                    failure.hint,
+                )
+                return
             logger.warning(
                 "pool %r exhausted, answering 503: %s (stats: %s). hint: raise max_size if "
                 "PostgreSQL has room, or hold connections for less time (no slow work or "

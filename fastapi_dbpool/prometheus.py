@@ -31,6 +31,7 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
         "pip install 'fastapi_dbpool[prometheus]'"
     ) from ex
 
+from ._connect_errors import CAUSES
 from ._lifespan import DBPool
 
 __all__ = ["DBPoolCollector"]
@@ -89,6 +90,14 @@ class DBPoolCollector(Collector):
                       stats.discarded_on_release)  # fmt: skip
         yield counter("connection_errors", "Failed attempts to open a connection.",
                       stats.connection_errors)  # fmt: skip
+        by_cause = CounterMetricFamily(
+            _PREFIX + "connection_failures",
+            "Failed attempts to open a connection, by cause (the package's count).",
+            labels=["pool", "cause"],
+        )
+        for cause in CAUSES:
+            by_cause.add_metric([*label, cause], stats.connection_errors_by_cause.get(cause, 0))
+        yield by_cause
         yield counter("loop_stalls", "Times the event loop was blocked past the watchdog's "
                       "threshold.", stats.loop_stalls)  # fmt: skip
         yield gauge("loop_worst_lag_seconds", "Longest event-loop stall seen.",

@@ -1,0 +1,127 @@
+"""Why new connections fail: the last failure of one pool, its cause, and what to do.
+
+psycopg_pool opens connections in the background and only logs why one failed; a request
+that waited for it sees a timeout ("no connection within 1s", a 503), and the natural
+hint, "raise max_size", points the wrong way when the server is refusing connections.
+A pool's `ConnectLog` keeps the last failure (without secrets) until a connection opens
+again, so the exhaustion warning, ``/readyz`` and `DBPool.stats()` can name it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from psycopg import AsyncConnection
+
+from . import _dsn
+
+#: cause -> substrings of libpq's or PostgreSQL's message that identify it (lower case)
+_CAUSES = (
+    (
+        "authentication",
+        (
+            "password authentication failed",
+            "authentication failed",
+            "no pg_hba.conf entry",
+            "not permitted to log in",
+            "no password supplied",
+        ),
+    ),
+    (
+        "too_many_connections",
+        ("too many clients", "too many connections", "remaining connection slots"),
+    ),
+    ("read_only", ("read-only", "read only", "is in recovery", "hot standby")),
+    ("dns", ("could not translate host name", "name or service not known")),
+    ("refused", ("connection refused", "no such file or directory")),
+    ("timeout", ("timeout expired", "timed out")),
+)
+#: cause -> what an operator can do about it
+HINTS = {
+    "authentication": "the server refuses the credentials: check the password or its "
+    "source (a rotated secret, an expired token), the role's LOGIN, and pg_hba.conf",
+    "too_many_connections": "the server (or the role's CONNECTION LIMIT) takes no more "
+    "connections: keep workers x max_size within max_connections minus the reserved "
+    "slots and other clients, or put PgBouncer in front; raising max_size makes it worse",
+    "read_only": "the server is read-only (a standby, or a primary being demoted): point "
+    "the pool at the primary, or add target_session_attrs=read-write to a multi-host URL",
+    "dns": "the host name does not resolve: check the host in the connection string",
+    "refused": "nothing listens at the server's address: is PostgreSQL (or the pooler) up?",
+    "timeout": "the server did not answer in time: check the network and connect_timeout",
+    "other": "new connections fail: see the error",
+}
+CAUSES = (*(cause for cause, _ in _CAUSES), "other")
+
+
+def classify(ex: BaseException) -> str:
+    """One of `CAUSES` for a failed connection attempt."""
+    text = str(ex).lower()
+    for cause, needles in _CAUSES:
+        if any(needle in text for needle in needles):
+            return cause
+    return "other"
+
+
+@dataclass(frozen=True)
+class ConnectFailure:
+    cause: str
+    message: str  # scrubbed of secrets
+    at: float  # time.monotonic()
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.cause})"
+
+    @property
+    def hint(self) -> str:
+        return HINTS[self.cause]
+
+
+class ConnectLog:
+    """The connection failures of one pool: the last one while it lasts, counts by cause."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the pool opens anew."""
+        self.last: ConnectFailure | None = None
+        self.failing = False
+        self.by_cause: dict[str, int] = {}
+
+    def failed(self, ex: BaseException) -> None:
+        message = _dsn.scrub(str(ex).strip()) or type(ex).__name__
+        cause = classify(ex)
+        self.last = ConnectFailure(cause, message, time.monotonic())
+        self.failing = True
+        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+
+    def succeeded(self) -> None:
+        self.failing = False
+
+    @property
+    def current(self) -> ConnectFailure | None:
+        """The last failure, unless a connection has opened since."""
+        return self.last if self.failing else None
+
+
+class RecordingConnect:
+    """Mixed into a pool's connection class: each ``connect()`` outcome goes to its log."""
+
+    _dbpool_connect_log: ClassVar[ConnectLog]
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        try:
+            conn = await super().connect(conninfo, **kwargs)  # type: ignore[misc]
+        except Exception as ex:
+            cls._dbpool_connect_log.failed(ex)
+            raise
+        cls._dbpool_connect_log.succeeded()
+        return conn
+
+
+def recording_class(cls: type[AsyncConnection[Any]], log: ConnectLog) -> type[Any]:
+    """A subclass of `cls` whose connection attempts are recorded in `log` (one per pool)."""
+    return type(cls.__name__, (RecordingConnect, cls), {"_dbpool_connect_log": log})
