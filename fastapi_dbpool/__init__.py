@@ -9,6 +9,7 @@
     async def get_item(item_id: int, conn: ConnectionDep): ...
 """
 
+from ._credentials import PasswordFile
 from ._deadline import deadline
 from ._dependencies import (
     ConnectionDep,
@@ -46,6 +47,7 @@ __all__ = [
     "DBPool",
     "DBPoolError",
     "DeadlineExceededError",
+    "PasswordFile",
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",

@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from . import _pooler
+from . import _credentials, _pooler
 from ._connect_errors import ConnectLog, recording_class
 from ._connection import guarded_class, request_lease
 from .errors import ConfigurationError
@@ -24,23 +24,33 @@ OURS = {
 def pool_kwargs(
     name: str,
     kwargs: dict[str, Any],
-    params: dict[str, str],
+    params: dict[str, str] | None,
     *,
     transaction_pooler: bool,
     connect_log: ConnectLog,
+    password: _credentials.Source | None = None,
 ) -> dict[str, Any]:
-    """`kwargs` for `AsyncConnectionPool`, with the connection class and defaults we need."""
+    """`kwargs` for `AsyncConnectionPool`, with the connection class and defaults we need.
+
+    `params`: the connection string's, or None when a callable gives it (then each
+    answer is checked as it comes, see `_credentials.conninfo_source`).
+    """
     for key, why in OURS.items():
         if key in kwargs:
             raise ConfigurationError(f"DBPool does not take {key}=: {why}.")
     conn_kwargs = kwargs.get("kwargs")
-    if callable(conn_kwargs):
-        user_kwargs = conn_kwargs
+    if isinstance(password, str):
+        conn_kwargs = _with_password(conn_kwargs, password)
+        password = None
+    if callable(conn_kwargs) or password is not None:
+        user_kwargs, source = conn_kwargs, password
 
         async def resolved() -> dict[str, Any]:
-            try:
+            try:  # psycopg_pool only logs a failure here: say why connections fail
                 got = await resolve_kwargs(user_kwargs)
-            except Exception as ex:  # psycopg_pool only logs it: say why connections fail
+                if source is not None:
+                    got["password"] = await _credentials.resolve(source, "password")
+            except Exception as ex:
                 connect_log.failed(ex)
                 raise
             return connect_kwargs(name, got, params, transaction_pooler)
@@ -60,8 +70,19 @@ def pool_kwargs(
     return kwargs
 
 
+def _with_password(conn_kwargs: Any, password: str) -> Any:
+    if callable(conn_kwargs):
+        user_kwargs = conn_kwargs
+
+        async def with_password() -> dict[str, Any]:
+            return {**await resolve_kwargs(user_kwargs), "password": password}
+
+        return with_password
+    return {**(conn_kwargs or {}), "password": password}
+
+
 def connect_kwargs(
-    name: str, kwargs: dict[str, Any], params: dict[str, str], transaction_pooler: bool
+    name: str, kwargs: dict[str, Any], params: dict[str, str] | None, transaction_pooler: bool
 ) -> dict[str, Any]:
     """The keyword arguments of each ``connect()``: autocommit, our application_name."""
     if kwargs.get("autocommit", True) is not True:
@@ -70,10 +91,10 @@ def connect_kwargs(
             "`async with conn.transaction():` for transactions instead of autocommit=False."
         )
     kwargs["autocommit"] = True
-    if "application_name" not in params:
-        kwargs.setdefault("application_name", name)
+    if params is not None and "application_name" not in params:
+        kwargs.setdefault("application_name", name)  # (a conninfo callable's: added to it)
     if transaction_pooler:
-        _pooler.check_settings(params, kwargs)
+        _pooler.check_settings(params or {}, kwargs)
     return kwargs
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from . import _dsn
+from ._credentials import PasswordFile
 from .errors import ConfigurationError
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -36,6 +37,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
     "DBPOOL_NAME": ("name", str),
     "DBPOOL_TRANSACTION_POOLER": ("transaction_pooler", boolean),
+    "DBPOOL_PASSWORD_FILE": ("password", PasswordFile),
 }
 
 

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _cleanup, _config, _dsn, _env, _pinned, _pooler
+from . import _cleanup, _config, _credentials, _dsn, _env, _pinned, _pooler
 from ._connect_errors import ConnectLog
 from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._metrics import PoolStats, snapshot
@@ -30,16 +30,25 @@ from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
 logger = logging.getLogger("fastapi_dbpool")
 
 
+def _no_check(params: dict[str, str]) -> None:
+    """A conninfo callable's answer needs no check beyond parsing (see `_pooler`)."""
+
+
 class DBPool:
     """A psycopg_pool `AsyncConnectionPool` for one FastAPI app, run by the app's lifespan.
 
-    ``DBPool(conninfo, **pool_kwargs)``: `conninfo` is a libpq URL or key=value string;
+    ``DBPool(conninfo, **pool_kwargs)``: `conninfo` is a libpq URL or key=value string,
+    or a callable (sync or async) returning one, asked again for each new connection;
     `pool_kwargs` go to `psycopg_pool.AsyncConnectionPool` unchanged (``min_size``,
     ``max_size``, ``max_waiting``, ``max_idle``, ``configure``, ``reset``...), except
     ``open`` and ``timeout``, which this class owns. Connections are in autocommit mode.
 
     Own settings:
 
+    - ``password`` (None): a password, or a source asked for each new connection, so that
+      a rotated secret is used from the next connection on: `PasswordFile` (a mounted
+      secret, re-read), or a sync or async callable (a cloud IAM token). It wins over a
+      password in `conninfo`; its answer is never logged.
     - ``acquire_timeout`` (5 s): how long a request waits for a connection before it is
       answered 503 with ``Retry-After: retry_after`` (1 s).
     - ``open_timeout`` (10 s): startup fails with `PoolOpenError` if PostgreSQL cannot
@@ -64,8 +73,9 @@ class DBPool:
 
     def __init__(
         self,
-        conninfo: str = "",
+        conninfo: _credentials.Source = "",
         *,
+        password: _credentials.Source | None = None,
         acquire_timeout: float = 5.0,
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
@@ -76,15 +86,24 @@ class DBPool:
         transaction_pooler: bool | None = None,
         **pool_kwargs: Any,
     ) -> None:
-        if not isinstance(conninfo, str):
-            raise ConfigurationError("conninfo must be a string (a URL or key=value pairs).")
-        try:
-            params = _dsn.parse(conninfo)
-        except psycopg.Error as ex:
+        params: dict[str, str] | None = None
+        if isinstance(conninfo, str):
+            try:
+                params = _dsn.parse(conninfo)
+            except psycopg.Error as ex:
+                raise ConfigurationError(
+                    f"The connection string is malformed: {_dsn.scrub(str(ex))}."
+                ) from None
+        elif not callable(conninfo):
             raise ConfigurationError(
-                f"The connection string is malformed: {_dsn.scrub(str(ex))}."
-            ) from None
-        self._conninfo = conninfo
+                "conninfo must be a string (a URL or key=value pairs) or a callable, sync or "
+                f"async, returning one; got {type(conninfo).__name__}."
+            )
+        if not (password is None or isinstance(password, str) or callable(password)):
+            raise ConfigurationError(
+                "password must be a string or a callable, sync or async, returning one (e.g. "
+                f"PasswordFile(path)); got {type(password).__name__}."
+            )
         self._settings = Settings(
             acquire_timeout=_env.positive_seconds("acquire_timeout", acquire_timeout),
             open_timeout=_env.positive_seconds("open_timeout", open_timeout),
@@ -105,7 +124,14 @@ class DBPool:
             params,
             transaction_pooler=bool(transaction_pooler),
             connect_log=self._connect_log,
+            password=password,
         )
+        self._conninfo: _credentials.Source = conninfo
+        if not isinstance(conninfo, str):
+            check = _pooler.check_options if transaction_pooler else _no_check
+            self._conninfo = _credentials.conninfo_source(
+                conninfo, self.name, self._connect_log, check
+            )
         self._runtime: PoolRuntime | None = None
         self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
         try:  # psycopg_pool checks sizes and names; nothing connects with open=False
@@ -120,7 +146,8 @@ class DBPool:
 
         ``DBPOOL_MIN_SIZE``, ``DBPOOL_MAX_SIZE``, ``DBPOOL_MAX_WAITING``, ``DBPOOL_MAX_IDLE``,
         ``DBPOOL_MAX_LIFETIME``, ``DBPOOL_ACQUIRE_TIMEOUT``, ``DBPOOL_OPEN_TIMEOUT``,
-        ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``. Keyword `overrides` win over the
+        ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``, ``DBPOOL_TRANSACTION_POOLER``,
+        ``DBPOOL_PASSWORD_FILE`` (a `PasswordFile`). Keyword `overrides` win over the
         environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
         raises `ConfigurationError` naming it.
 
@@ -142,7 +169,7 @@ class DBPool:
 
     def __repr__(self) -> str:
         state = "running" if self._runtime else "stopped"
-        return f"<DBPool {self.name!r} {_dsn.describe(self._conninfo)} {state}>"
+        return f"<DBPool {self.name!r} {_credentials.describe(self._conninfo)} {state}>"
 
     def stats(self) -> PoolStats:
         """A snapshot of the running pool: psycopg_pool's figures and ours (see `PoolStats`).
@@ -218,12 +245,12 @@ class DBPool:
         )
         timeout = self._settings.open_timeout
         deadline = time.monotonic() + timeout
-        target = _dsn.describe(conninfo)
+        target = _credentials.describe(conninfo)
         runtime: PoolRuntime | None = None
         try:
             with anyio.fail_after(timeout):
                 cancels = _cancel_requests()
-                await self._preflight(pool, conninfo)
+                await self._preflight(pool, conninfo, target)
                 await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
                 if _cancel_requests() > cancels:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
@@ -250,17 +277,28 @@ class DBPool:
         logger.info("pool %r open on %s (%s)", pool.name, target, pool.get_stats())
         return runtime
 
-    async def _preflight(self, pool: AsyncConnectionPool[Any], conninfo: str) -> None:
+    async def _preflight(
+        self, pool: AsyncConnectionPool[Any], conninfo: _credentials.Source, target: str
+    ) -> None:
         """One direct connection first, so a wrong password fails now with libpq's reason."""
         try:
             kwargs = await _config.resolve_kwargs(pool.kwargs)
         except Exception as ex:
             raise PoolOpenError(
-                _dsn.describe(conninfo),
+                target,
                 self._settings.open_timeout,
-                f"the kwargs= callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+                "getting the connection's kwargs= or password failed "
+                f"({type(ex).__name__}: {_dsn.scrub(str(ex))})",
             ) from None
-        conn = await AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            resolved = await _credentials.resolve(conninfo, "conninfo")
+        except Exception as ex:
+            raise PoolOpenError(
+                target,
+                self._settings.open_timeout,
+                f"the conninfo callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            ) from None
+        conn = await AsyncConnection.connect(resolved, **kwargs)
         try:
             if self._settings.transaction_pooler is None and await _pooler.detect(conn):
                 logger.warning(

@@ -116,15 +116,20 @@ def pooler_cursor(base: type[Any] | None) -> type[Any]:
     return _cursor_classes[base]
 
 
-def check_settings(params: dict[str, str], kwargs: dict[str, Any]) -> None:
-    """Refuse what a transaction pooler cannot take; set psycopg's defaults for it."""
-    if params.get("options") or kwargs.get("options"):
+def check_options(params: dict[str, str]) -> None:
+    """Refuse startup ``options`` in connection parameters: a transaction pooler cannot."""
+    if params.get("options"):
         raise ConfigurationError(
             "transaction_pooler=True: PgBouncer refuses the startup parameter `options` "
             "(unsupported startup parameter: options), and poolers share the session it "
             "would configure. Set those settings per role or database (ALTER ROLE ... SET), "
             "or SET LOCAL them in a transaction."
         )
+
+
+def check_settings(params: dict[str, str], kwargs: dict[str, Any]) -> None:
+    """Refuse what a transaction pooler cannot take; set psycopg's defaults for it."""
+    check_options({**params, **kwargs})
     kwargs.setdefault("prepare_threshold", None)
     kwargs["cursor_factory"] = pooler_cursor(kwargs.get("cursor_factory"))
 

@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from fastapi_dbpool import DBPool, testing
+from fastapi_dbpool._credentials import Source
 
 from . import _pgbouncer
 
@@ -99,7 +100,7 @@ def timers_started(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return delays
 
 
-def make_db(database_url: str, app_name: str, **kwargs: Any) -> DBPool:
+def make_db(database_url: Source, app_name: str, **kwargs: Any) -> DBPool:
     kwargs.setdefault("min_size", 1)
     kwargs.setdefault("max_size", 4)
     return DBPool(database_url, name=app_name, **kwargs)

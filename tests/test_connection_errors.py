@@ -139,6 +139,8 @@ async def test_a_failing_kwargs_callable_fails_startup_with_pool_open_error(
         raise RuntimeError("the vault is sealed")
 
     db = make_db(database_url, app_name, kwargs=secrets)
-    with pytest.raises(PoolOpenError, match=r"kwargs= callable failed \(RuntimeError: the vault"):
+    with pytest.raises(
+        PoolOpenError, match=r"kwargs= or password failed \(RuntimeError: the vault"
+    ):
         async with db.lifespan(FastAPI()):
             pass
