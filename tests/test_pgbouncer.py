@@ -168,9 +168,9 @@ async def test_deadlines_never_reach_another_clients_session(
                 assert setting == {"statement_timeout": "0"}
         for _ in range(12):
             assert other.execute("SHOW statement_timeout").fetchone() == ("0",)
-        started = time.monotonic()
-        other.execute("SELECT pg_sleep(1.5)")  # longer than every deadline above: not cut
-        assert time.monotonic() - started >= 1.5
+        # longer than every deadline above: a leaked timeout raises QueryCanceled here
+        # (pg_sleep follows the wall clock, so its duration is no proof either way)
+        assert other.execute("SELECT 1 FROM pg_sleep(1.5)").fetchone() == (1,)
 
 
 async def test_the_guarantees_hold_through_the_pooler(

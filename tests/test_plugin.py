@@ -95,6 +95,8 @@ def project(
     """A sample project whose app creates its DBPool at import, from an empty environment."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     pytester.makeconftest(APP.format(app_name=app_name))
+    # In process, the outer session has imported the plugin's package already (pytest 9.2
+    # warns that it cannot rewrite it); subprocess runs, as users run, are in test_readme.
     pytester.makeini(
         f"""
         [pytest]
@@ -102,6 +104,7 @@ def project(
         asyncio_default_fixture_loop_scope = function
         filterwarnings = error
             ignore::UserWarning:platformdirs
+            ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning
         """
     )
     return pytester
