@@ -22,6 +22,7 @@ from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
 from ._pool_internals import can_return_now
+from ._preflight import preflight
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
 from ._watchdog import LoopWatchdog
@@ -250,7 +251,7 @@ class DBPool:
         try:
             with anyio.fail_after(timeout):
                 cancels = _cancel_requests()
-                await self._preflight(pool, conninfo, target)
+                await preflight(pool, conninfo, target, self._settings)
                 await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
                 if _cancel_requests() > cancels:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
@@ -276,42 +277,6 @@ class DBPool:
             raise
         logger.info("pool %r open on %s (%s)", pool.name, target, pool.get_stats())
         return runtime
-
-    async def _preflight(
-        self, pool: AsyncConnectionPool[Any], conninfo: _credentials.Source, target: str
-    ) -> None:
-        """One direct connection first, so a wrong password fails now with libpq's reason."""
-        try:
-            kwargs = await _config.resolve_kwargs(pool.kwargs)
-        except Exception as ex:
-            raise PoolOpenError(
-                target,
-                self._settings.open_timeout,
-                "getting the connection's kwargs= or password failed "
-                f"({type(ex).__name__}: {_dsn.scrub(str(ex))})",
-            ) from None
-        try:
-            resolved = await _credentials.resolve(conninfo, "conninfo")
-        except Exception as ex:
-            raise PoolOpenError(
-                target,
-                self._settings.open_timeout,
-                f"the conninfo callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
-            ) from None
-        conn = await AsyncConnection.connect(resolved, **kwargs)
-        try:
-            if self._settings.transaction_pooler is None and await _pooler.detect(conn):
-                logger.warning(
-                    "pool %r: a connection pooler stands between the app and PostgreSQL "
-                    "(the backend PID it reports is not the server's); if it pools by "
-                    "transaction (PgBouncer pool_mode=transaction, RDS Proxy, Supavisor), "
-                    "session state leaks between clients. hint: set "
-                    "DBPool(transaction_pooler=True) or DBPOOL_TRANSACTION_POOLER=1; if it "
-                    "pools by session, transaction_pooler=False silences this.",
-                    self.name,
-                )
-        finally:
-            await conn.close()
 
     async def _close(self, runtime: PoolRuntime) -> None:
         runtime.closing = True
