@@ -21,6 +21,13 @@ OURS = {
 }
 
 
+#: Seconds a connection above ``min_size`` may sit unused before it is closed (at most
+#: twice this after a burst, see `_pool_internals.release_idle_promptly`), so that a
+#: burst's connections go back to the server for other workers and the next deploy.
+#: psycopg_pool's own default is 600 s.
+MAX_IDLE = 60.0
+
+
 def pool_kwargs(
     name: str,
     kwargs: dict[str, Any],
@@ -67,6 +74,7 @@ def pool_kwargs(
     # worker without awaiting. Without one it awaits its lock after detaching the
     # connection, and a task.cancel() landing there loses the connection's pool slot.
     kwargs["reset"] = kwargs.get("reset") or keep_as_is
+    kwargs.setdefault("max_idle", MAX_IDLE)
     return kwargs
 
 

@@ -21,7 +21,7 @@ from ._connect_errors import ConnectLog
 from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
-from ._pool_internals import can_return_now
+from ._pool_internals import can_return_now, release_idle_promptly
 from ._preflight import preflight
 from ._state import STATE_KEY, PoolRuntime, Settings, attach
 from ._transaction import transaction
@@ -43,6 +43,9 @@ class DBPool:
     `pool_kwargs` go to `psycopg_pool.AsyncConnectionPool` unchanged (``min_size``,
     ``max_size``, ``max_waiting``, ``max_idle``, ``configure``, ``reset``...), except
     ``open`` and ``timeout``, which this class owns. Connections are in autocommit mode.
+    ``max_idle`` defaults to 60 s, and all the connections above ``min_size`` left unused
+    that long are closed (psycopg_pool closes one per period), so a burst's connections go
+    back to the server within ``2 x max_idle``.
 
     Own settings:
 
@@ -256,6 +259,7 @@ class DBPool:
                 if _cancel_requests() > cancels:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
+                release_idle_promptly(pool)
                 runtime = PoolRuntime(pool, self._settings, self._connect_log)
                 ours = self._pool_kwargs["reset"] is _config.keep_as_is
                 runtime.hand_over = ours and self._pool_kwargs.get("check") is None
