@@ -262,8 +262,9 @@ class DBPool:
                 release_idle_promptly(pool)
                 runtime = PoolRuntime(pool, self._settings, self._connect_log)
                 ours = self._pool_kwargs["reset"] is _config.keep_as_is
-                runtime.hand_over = ours and self._pool_kwargs.get("check") is None
                 runtime.direct_return = ours and can_return_now(pool)
+                no_check = self._pool_kwargs.get("check") is None
+                runtime.hand_over = runtime.direct_return and no_check
                 if bound is not None:
                     runtime.loop_hint = bound.hint
                     if bound.isolate:

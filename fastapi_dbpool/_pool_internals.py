@@ -78,6 +78,16 @@ def stale(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -> bool:
     return bool(expire_at <= time.monotonic() or created_at <= drained_at)
 
 
+def queued_in(pool: AsyncConnectionPool[Any]) -> int:
+    """How many checkouts wait inside psycopg_pool (those that asked while it grew).
+
+    They waited longer than those waiting for a hand-over (who asked once every connection
+    was out), so a released connection goes back through psycopg_pool to them first.
+    Call only where `can_return_now` held.
+    """
+    return len(pool._waiting)
+
+
 def idle_connections(pool: AsyncConnectionPool[Any]) -> list[AsyncConnection[Any]]:
     """The connections idle in `pool` now (none known, if psycopg_pool keeps them otherwise)."""
     idle = getattr(pool, "_pool", None)

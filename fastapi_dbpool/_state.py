@@ -26,7 +26,7 @@ from ._connection import GuardedConnection, Lease, LeaseState, request_lease, ru
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
 from ._pinned import Pinned
-from ._pool_internals import return_now, stale
+from ._pool_internals import queued_in, return_now, stale
 from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
@@ -84,7 +84,8 @@ class PoolRuntime:
         # to the first waiting checkout instead of through psycopg_pool (putconn, a worker
         # task, the pool's lock, a waiting client's wait_for task): a third of the pool's
         # cost per request under load. Off with a user's reset (psycopg_pool must see every
-        # return) or check (every checkout).
+        # return) or check (every checkout), and with a psycopg_pool laid out otherwise
+        # (see _pool_internals): it must not pass over the checkouts queued inside it.
         self.hand_over = False
         # Unless the user set a reset: a connection that needs nothing goes straight back to
         # psycopg_pool's idle deque, without its worker task (see _pool_internals).
@@ -217,11 +218,15 @@ class PoolRuntime:
 
     async def _checkout(self, deadline: float, limit: float) -> GuardedConnection:
         """A connection from psycopg_pool, or handed over by a release while all are out."""
-        while self.hand_over and not self.closing and self.out >= self.pool.max_size:
+        # while others wait for a hand-over, join them rather than pass them in psycopg_pool
+        if self.hand_over and not self.closing and (
+            self.out >= self.pool.max_size or self.waiting
+        ):
             conn = await self._wait_for_hand_over(deadline, limit)
             if conn is not None:
                 return conn
-            # None: a connection went back to psycopg_pool, which has room again
+            # None: its turn to ask psycopg_pool (a connection went back to it, or a
+            # checkout waiting inside it failed), which serves it or queues it first
         try:
             conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
         except BaseException:
@@ -283,10 +288,11 @@ class PoolRuntime:
             self._given_back(conn)
             self._give_back_later(conn)
 
-    def _given_back(self, conn: GuardedConnection) -> None:
-        """`conn` is on its way back to psycopg_pool: a waiter may ask it now."""
+    def _given_back(self, conn: GuardedConnection, *, wake: bool = True) -> None:
+        """`conn` is on its way back to psycopg_pool: a waiter may ask it now (`wake`)."""
         self.out -= 1
-        self._wake_one()
+        if wake:
+            self._wake_one()
         if conn._dbpool_returned_to is not self:  # see `returned`
             conn._dbpool_returned_to = self
             self.returned.add(conn)
@@ -319,6 +325,11 @@ class PoolRuntime:
         try:
             if self.pinned is not None:
                 healthy = await self.pinned.give_back(self.settings.release_timeout)
+            elif self._waiters and queued_in(self.pool):
+                # checkouts that waited longer, inside psycopg_pool, are served first; the
+                # ones waiting here are told once that queue is empty (or one of it fails)
+                self._given_back(conn, wake=False)
+                healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
             elif self._waiters and self._hand_over(conn):
                 healthy = True
             else:

@@ -41,6 +41,7 @@ async def main(url: str) -> None:
     db = DBPool(url, min_size=1, max_size=1, name="fallback")
     async with db.lifespan(FastAPI()):
         assert not db._running().direct_return
+        assert not db._running().hand_over
         assert "_shrink_pool" not in vars(db._running().pool)  # psycopg_pool's own shrink
         for n in range(5):
             async with db.connection() as conn:

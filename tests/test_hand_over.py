@@ -171,3 +171,39 @@ async def test_waits_for_a_hand_over_share_one_timer(
         monkeypatch.undo()
         assert len(got) == 5
         assert len([d for d in delays if d > 4]) <= 1  # the waits' 5 s, on one timer at most
+
+
+async def test_a_checkout_waiting_in_psycopg_pool_is_served_before_later_ones(
+    database_url: str, app_name: str
+) -> None:
+    """A checkout that queued in psycopg_pool while the pool grew is served before one that
+    came after all connections were out (issue: under sustained load the later ones took
+    every released connection, and the earlier ones timed out with 503s)."""
+    db = make_db(database_url, app_name, min_size=1, max_size=2)
+    got: dict[str, int] = {}
+    release = asyncio.Event()
+
+    async def _hold(db: DBPool, got: dict[str, int], name: str) -> None:
+        async with db.connection(timeout=5) as conn:
+            got[name] = await pid_of(conn)
+            await release.wait()
+
+    async with db.lifespan(FastAPI()):
+        async with db.connection() as conn:
+            first = await pid_of(conn)
+            # both ask psycopg_pool, which grows by one connection: one of them waits in it
+            early = [asyncio.create_task(_hold(db, got, name)) for name in ("b", "c")]
+            async with asyncio.timeout(5):
+                while len(got) < 1 or db.pool.get_stats().get("requests_waiting", 0) < 1:
+                    await asyncio.sleep(0.01)
+            (waiting_in_pool,) = {"b", "c"} - set(got)
+            late = asyncio.create_task(_take(db, got, "d"))  # every connection out
+            await _until_waiting(db, 2)
+        async with asyncio.timeout(4):
+            while waiting_in_pool not in got and "d" not in got:
+                await asyncio.sleep(0.01)
+        assert got.get(waiting_in_pool) == first  # the released connection went to it
+        assert "d" not in got
+        release.set()
+        await asyncio.gather(*early, late)
+        assert "d" in got
