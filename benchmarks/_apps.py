@@ -23,9 +23,17 @@ POOL_SIZE = 8
 WATCHDOG = None if os.environ.get("BENCH_WATCHDOG") == "off" else 0.1
 
 
-def _fastapi_dbpool() -> FastAPI:
+#: Where benchmarks.contenders puts the URL of its PgBouncer, when pgbouncer is installed.
+PGBOUNCER_URL = "BENCH_PGBOUNCER_URL"
+
+
+def _fastapi_dbpool(url: str | None = None, **settings: Any) -> FastAPI:
     db = DBPool(
-        os.environ["DATABASE_URL"], min_size=POOL_SIZE, max_size=POOL_SIZE, watchdog=WATCHDOG
+        url or os.environ["DATABASE_URL"],
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        watchdog=WATCHDOG,
+        **settings,
     )
     app = FastAPI(lifespan=db.lifespan)
 
@@ -58,6 +66,13 @@ def fastapi_dbpool() -> FastAPI:
 def fastapi_dbpool_middleware() -> FastAPI:
     """fastapi_dbpool behind CancellationMiddleware (its default 30 s deadline)."""
     app = _fastapi_dbpool()
+    app.add_middleware(CancellationMiddleware)
+    return app
+
+
+def fastapi_dbpool_pgbouncer() -> FastAPI:
+    """fastapi_dbpool behind CancellationMiddleware, through PgBouncer in transaction mode."""
+    app = _fastapi_dbpool(os.environ[PGBOUNCER_URL], transaction_pooler=True)
     app.add_middleware(CancellationMiddleware)
     return app
 

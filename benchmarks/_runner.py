@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
 import psycopg
@@ -223,8 +223,23 @@ def _interval(ratios: Sequence[float]) -> str:
     return f"{ordered[k - 1]:.2f}x-{ordered[n - k]:.2f}x"
 
 
-def cli(doc: str, contenders: Sequence[tuple[str, str]], paths: Sequence[str], rounds: int) -> None:
+@contextlib.contextmanager
+def _none(url: str) -> Iterator[Sequence[tuple[str, str]]]:
+    yield ()
+
+
+def cli(
+    doc: str,
+    contenders: Sequence[tuple[str, str]],
+    paths: Sequence[str],
+    rounds: int,
+    more: Callable[[str], contextlib.AbstractContextManager[Sequence[tuple[str, str]]]]
+    | None = None,
+) -> None:
     """The command line of a benchmark script: parse, start PostgreSQL, compare, print.
+
+    `more(url)`, if given, starts what further contenders need (a pooler in front of the
+    server at `url`) and gives them, for as long as the comparison runs.
 
     Many short rounds rather than a few long ones: on a shared machine req/s drifts by
     20% over seconds, so the closer in time a pair of runs, the closer their ratio is to
@@ -238,12 +253,12 @@ def cli(doc: str, contenders: Sequence[tuple[str, str]], paths: Sequence[str], r
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    with database_url() as url:
+    with database_url() as url, (more or _none)(url) as extra:
         prepare(url)
         print(
             compare(
                 url,
-                contenders,
+                [*contenders, *extra],
                 paths,
                 rounds=args.rounds,
                 seconds=args.seconds,

@@ -4,11 +4,20 @@
 
 Needs the ``bench`` extra (SQLAlchemy, asyncpg). Uses ``DATABASE_URL``, or starts an
 embedded PostgreSQL. Every contender runs under uvicorn on 127.0.0.1 with a pool of 8 and
-is loaded in turn (wrk if installed); ratios are to the psycopg_pool baseline.
+is loaded in turn (wrk if installed); ratios are to the psycopg_pool baseline. With
+Debian's ``pgbouncer`` installed, one more row goes through a PgBouncer in transaction
+mode (8 server connections) started on 127.0.0.1: what the pooler costs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+from . import _pgbouncer
+from ._apps import PGBOUNCER_URL, POOL_SIZE
 from ._runner import cli
 
 CONTENDERS = [
@@ -20,5 +29,24 @@ CONTENDERS = [
 ]
 
 
+THROUGH_PGBOUNCER = (
+    "fastapi_dbpool + CancellationMiddleware, through PgBouncer",
+    "benchmarks._apps:fastapi_dbpool_pgbouncer",
+)
+
+
+@contextlib.contextmanager
+def through_pgbouncer(url: str) -> Iterator[Sequence[tuple[str, str]]]:
+    """PgBouncer in front of the server at `url`, and the contender that goes through it."""
+    if _pgbouncer.binary() is None:
+        print("pgbouncer is not installed (apt-get install pgbouncer): no row through it",
+              file=sys.stderr)  # fmt: skip
+        yield ()
+        return
+    with _pgbouncer.running(url, pool_size=POOL_SIZE) as bouncer:
+        os.environ[PGBOUNCER_URL] = bouncer.url  # the contenders' servers inherit it
+        yield (THROUGH_PGBOUNCER,)
+
+
 if __name__ == "__main__":
-    cli(__doc__, CONTENDERS, ["/select/42", "/tx/42", "/nodb"], rounds=20)
+    cli(__doc__, CONTENDERS, ["/select/42", "/tx/42", "/nodb"], rounds=20, more=through_pgbouncer)

@@ -14,10 +14,9 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
+from benchmarks import _pgbouncer
 from fastapi_dbpool import DBPool, testing
 from fastapi_dbpool._credentials import Source
-
-from . import _pgbouncer
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ import pytest
 from fastapi import FastAPI
 from psycopg.conninfo import make_conninfo
 
+from benchmarks._pgbouncer import PgBouncer
 from fastapi_dbpool import DBPool
 
-from ._pgbouncer import PgBouncer
 from .conftest import Server, make_db
 
 pytestmark = pytest.mark.anyio

@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from psycopg.rows import dict_row
 
+from benchmarks._pgbouncer import PgBouncer
 from fastapi_dbpool import (
     CancellationMiddleware,
     ConfigurationError,
@@ -28,7 +29,6 @@ from fastapi_dbpool import (
     deadline,
 )
 
-from ._pgbouncer import PgBouncer
 from .conftest import Server, make_db, serve
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,5 @@
-"""A real PgBouncer (Debian's package) in front of the suite's PostgreSQL, on 127.0.0.1."""
+"""A real PgBouncer (Debian's package) in front of a PostgreSQL, on 127.0.0.1: for the
+tests of transaction-pooler mode and the benchmark row through PgBouncer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,7 +17,9 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-POOL_SIZE = 4  # server connections per database and user: fewer than the apps' max_size
+from ._runner import free_port
+
+POOL_SIZE = 4  # server connections per database and user: fewer than the tests' max_size
 
 
 def binary() -> str | None:
@@ -53,15 +55,10 @@ class PgBouncer:
         return rows[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
-def running(server_url: str) -> Iterator[PgBouncer]:
-    """PgBouncer in transaction mode for every database of `server_url`'s server.
+def running(server_url: str, pool_size: int = POOL_SIZE) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode for every database of `server_url`'s server, with
+    `pool_size` server connections per database and user.
 
     It listens on 127.0.0.1 only and is stopped by its PID. As root it runs as the user
     that owns PostgreSQL's socket directory (PgBouncer refuses to run as root).
@@ -76,7 +73,7 @@ def running(server_url: str) -> Iterator[PgBouncer]:
     )
     workdir = tempfile.mkdtemp(prefix="dbpool-pgbouncer-")
     os.chmod(workdir, 0o755)
-    port = _free_port()
+    port = free_port()
     files = {
         "users.txt": f'"{user}" ""\n',
         "pgbouncer.ini": f"""[databases]
@@ -89,7 +86,7 @@ auth_type = trust
 auth_file = {workdir}/users.txt
 admin_users = {user}
 pool_mode = transaction
-default_pool_size = {POOL_SIZE}
+default_pool_size = {pool_size}
 max_client_conn = 2000
 server_login_retry = 1
 """,
