@@ -219,9 +219,7 @@ class PoolRuntime:
     async def _checkout(self, deadline: float, limit: float) -> GuardedConnection:
         """A connection from psycopg_pool, or handed over by a release while all are out."""
         # while others wait for a hand-over, join them rather than pass them in psycopg_pool
-        if self.hand_over and not self.closing and (
-            self.out >= self.pool.max_size or self.waiting
-        ):
+        if self.hand_over and not self.closing and (self.out >= self.pool.max_size or self.waiting):
             conn = await self._wait_for_hand_over(deadline, limit)
             if conn is not None:
                 return conn
