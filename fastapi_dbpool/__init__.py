@@ -20,9 +20,10 @@ from ._dependencies import (
     get_transaction,
 )
 from ._health import health_router
-from ._lifespan import DBPool
+from ._lifespan import DBPool, lifespan
 from ._metrics import PoolStats
 from ._middleware import CancellationMiddleware
+from ._replicas import ReadReplicas
 from .errors import (
     ConfigurationError,
     ConnectionInUseError,
@@ -52,6 +53,7 @@ __all__ = [
     "PoolNotRunningError",
     "PoolOpenError",
     "PoolStats",
+    "ReadReplicas",
     "SessionStateError",
     "StreamTransactionDep",
     "TransactionDep",
@@ -61,6 +63,7 @@ __all__ = [
     "get_stream_transaction",
     "get_transaction",
     "health_router",
+    "lifespan",
 ]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from . import _credentials, _pooler
+from . import _credentials, _failover, _pooler
 from ._connect_errors import ConnectLog, recording_class
 from ._connection import guarded_class, request_lease
 from .errors import ConfigurationError
@@ -36,6 +36,7 @@ def pool_kwargs(
     transaction_pooler: bool,
     connect_log: ConnectLog,
     password: _credentials.Source | None = None,
+    writable: bool = False,
 ) -> dict[str, Any]:
     """`kwargs` for `AsyncConnectionPool`, with the connection class and defaults we need.
 
@@ -67,7 +68,8 @@ def pool_kwargs(
         kwargs["kwargs"] = connect_kwargs(name, dict(conn_kwargs or {}), params, transaction_pooler)
     guarded = guarded_class(kwargs.get("connection_class", AsyncConnection))
     cls = _pooler.pooler_class(guarded) if transaction_pooler else guarded
-    kwargs["connection_class"] = recording_class(cls, connect_log)
+    on_connect = _failover.refuse_read_only if writable else None
+    kwargs["connection_class"] = recording_class(cls, connect_log, on_connect)
     if kwargs.get("check") is not None:
         kwargs["check"] = _outside_requests(kwargs["check"])
     # With a reset callback, psycopg_pool's putconn() queues the return for its own

@@ -10,6 +10,7 @@ again, so the exhaustion warning, ``/readyz`` and `DBPool.stats()` can name it.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -110,11 +111,15 @@ class RecordingConnect:
     """Mixed into a pool's connection class: each ``connect()`` outcome goes to its log."""
 
     _dbpool_connect_log: ClassVar[ConnectLog]
+    #: a check of each new connection that raises to refuse it (see `_failover`)
+    _dbpool_on_connect: ClassVar[Callable[[Any], Awaitable[None]] | None] = None
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
         try:
             conn = await super().connect(conninfo, **kwargs)  # type: ignore[misc]
+            if cls._dbpool_on_connect is not None:
+                await cls._dbpool_on_connect(conn)
         except Exception as ex:
             cls._dbpool_connect_log.failed(ex)
             raise
@@ -122,6 +127,12 @@ class RecordingConnect:
         return conn
 
 
-def recording_class(cls: type[AsyncConnection[Any]], log: ConnectLog) -> type[Any]:
-    """A subclass of `cls` whose connection attempts are recorded in `log` (one per pool)."""
-    return type(cls.__name__, (RecordingConnect, cls), {"_dbpool_connect_log": log})
+def recording_class(
+    cls: type[AsyncConnection[Any]],
+    log: ConnectLog,
+    on_connect: Callable[[Any], Awaitable[None]] | None = None,
+) -> type[Any]:
+    """A subclass of `cls` whose connection attempts are recorded in `log` (one per pool),
+    each new connection refused if `on_connect` raises."""
+    namespace = {"_dbpool_connect_log": log, "_dbpool_on_connect": on_connect}
+    return type(cls.__name__, (RecordingConnect, cls), namespace)

@@ -25,6 +25,7 @@ from .errors import ConfigurationError, ConnectionInUseError, ConnectionReleased
 
 if TYPE_CHECKING:
     from ._deadline import RequestControl
+    from ._state import PoolRuntime
 
 RV = TypeVar("RV")
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
@@ -48,7 +49,17 @@ class LeaseState(enum.Enum):
 class Lease:
     """One checkout of one connection by one task (a request's, or `db.connection()`'s)."""
 
-    __slots__ = ("cleanup_timeout", "conn", "control", "shared", "state", "stream", "task")
+    __slots__ = (
+        "cleanup_timeout",
+        "conn",
+        "control",
+        "previous",
+        "runtime",
+        "shared",
+        "state",
+        "stream",
+        "task",
+    )
 
     def __init__(
         self,
@@ -58,7 +69,10 @@ class Lease:
         cleanup_timeout: float,
         control: RequestControl | None = None,
         stream: bool = False,
+        runtime: PoolRuntime | None = None,
     ):
+        self.runtime = runtime  # the pool it came from
+        self.previous: Lease | None = None  # the request's lease of another pool, if any
         self.conn = conn
         self.task = task
         self.shared = shared
@@ -72,14 +86,24 @@ class Lease:
         return f"<Lease {self.state.value} task={name!r} conn={self.conn!r}>"
 
 
-# The lease of the request running in this context. Tasks spawned by a request copy
-# their context, so they can tell "my request's connection, after the request ended".
+# The lease of the request running in this context, the latest first (`Lease.previous`:
+# those of its other pools). Tasks spawned by a request copy their context, so they can
+# tell "my request's connection, after the request ended".
 request_lease: ContextVar[Lease | None] = ContextVar("fastapi_dbpool_request_lease", default=None)
 
 
-def held_lease() -> Lease | None:
-    """The lease this request's task holds now, to share between its dependencies."""
+def request_lease_of(runtime: PoolRuntime) -> Lease | None:
+    """This request's latest lease of the pool `runtime`, whatever its state."""
     lease = request_lease.get()
+    while lease is not None and lease.runtime is not runtime:
+        lease = lease.previous
+    return lease
+
+
+def held_lease(runtime: PoolRuntime) -> Lease | None:
+    """The lease of `runtime`'s pool this request's task holds now, to share between its
+    dependencies."""
+    lease = request_lease_of(runtime)
     if (
         lease is not None
         and lease.state is LeaseState.ACTIVE
@@ -88,6 +112,14 @@ def held_lease() -> Lease | None:
     ):
         return lease
     return None
+
+
+def _of_this_request(conn: AsyncConnection[Any]) -> Lease | None:
+    """This request's lease of `conn`, if it ever had one (any pool)."""
+    lease = request_lease.get()
+    while lease is not None and lease.conn is not conn:
+        lease = lease.previous
+    return lease
 
 
 class GuardedConnection(AsyncConnection[Any]):
@@ -117,16 +149,15 @@ class GuardedConnection(AsyncConnection[Any]):
         if lease is not None:
             if lease.task is asyncio.current_task() or lease.state is LeaseState.RELEASING:
                 return
-            mine = request_lease.get()
+            mine = _of_this_request(self)
             if mine is lease:
                 if lease.shared:
                     return
                 raise ConnectionInUseError(same_request=True)
-            if mine is not None and mine.conn is self:
+            if mine is not None:
                 raise ConnectionReleasedError()
             raise ConnectionInUseError(same_request=False)
-        mine = request_lease.get()
-        if mine is not None and mine.conn is self:
+        if _of_this_request(self) is not None:
             raise ConnectionReleasedError()
 
     async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:

@@ -37,6 +37,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
     "DBPOOL_NAME": ("name", str),
     "DBPOOL_TRANSACTION_POOLER": ("transaction_pooler", boolean),
+    "DBPOOL_WRITABLE": ("writable", boolean),
     "DBPOOL_PASSWORD_FILE": ("password", PasswordFile),
 }
 

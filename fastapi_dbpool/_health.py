@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from . import _dsn
-from ._state import PoolRuntime, runtime_of
+from . import _dsn, _failover
+from ._registry import find_pools
+from ._state import PoolRuntime
 from .errors import DBPoolError
 
 _FIGURES = {
@@ -21,13 +23,17 @@ _FIGURES = {
 
 
 def health_router(*, probe_timeout: float = 1.0, prefix: str = "") -> APIRouter:
-    """``GET /livez`` and ``GET /readyz`` for the app's running pool.
+    """``GET /livez`` and ``GET /readyz`` for the app's running pools.
 
     ``app.include_router(health_router())``. Liveness answers 200 without touching the
-    database: if the loop can answer, the process is alive. Readiness answers 200 when the
-    pool is running, a connection can be had within `probe_timeout` seconds and ``SELECT 1``
-    answers; otherwise 503 with the reason. Both bodies carry the pool's figures (size,
-    available, waiting, errors), never the connection string. From the moment shutdown
+    database: if the loop can answer, the process is alive. Readiness answers 200 when
+    every pool of the app is running, a connection can be had within `probe_timeout`
+    seconds and ``SELECT 1`` answers (the pools probed at once); otherwise 503 with the
+    reason, naming the pool when there are several. Both bodies carry the figures (size,
+    available, waiting, errors) of the first pool under ``pool`` and of each under
+    ``pools``, never the connection string. A read replica of `ReadReplicas` that fails
+    leaves readiness 200 and is named under ``degraded``: reads go elsewhere. From the
+    moment shutdown
     begins, readiness is 503, before the pool closes. A probe takes one connection for one
     round trip, like a request: it never grows an idle pool (unlike ``pool.check()``).
     """
@@ -35,35 +41,73 @@ def health_router(*, probe_timeout: float = 1.0, prefix: str = "") -> APIRouter:
 
     @router.get("/livez", summary="Liveness: the process and its event loop answer")
     async def livez(request: Request) -> dict[str, Any]:
-        return {"status": "alive", "pool": _figures(_runtime_or_none(request))}
+        runtimes = _runtimes(request)
+        return {"status": "alive", **_all_figures(runtimes)}
 
-    @router.get("/readyz", summary="Readiness: the pool can serve a query now")
+    @router.get("/readyz", summary="Readiness: every pool can serve a query now")
     async def readyz(request: Request) -> JSONResponse:
-        runtime = _runtime_or_none(request)
-        reason = await _unready_reason(runtime, probe_timeout)
-        body = {"status": "ready" if reason is None else "not ready", "pool": _figures(runtime)}
-        if reason is not None:
-            body["reason"] = reason
-        return JSONResponse(body, status_code=200 if reason is None else 503)
+        runtimes = _runtimes(request)
+        pools = find_pools(request.scope)
+        optional = pools.optional if pools is not None else set()
+        reasons: dict[str, str] = {}
+        degraded: dict[str, str] = {}
+        if runtimes:
+            found = await asyncio.gather(
+                *(_unready_reason(r, probe_timeout) for r in runtimes.values())
+            )
+            for name, why in zip(runtimes, found, strict=True):
+                if why is not None:
+                    (degraded if name in optional else reasons)[name] = why
+        else:
+            reasons = {"": "the pool is not running"}
+        body: dict[str, Any] = {"status": "not ready" if reasons else "ready"}
+        body.update(_all_figures(runtimes))
+        if reasons:
+            body["reason"] = _joined(reasons, len(runtimes))
+        if degraded:
+            body["degraded"] = _joined(degraded, 2)
+        return JSONResponse(body, status_code=503 if reasons else 200)
 
     return router
 
 
-def _runtime_or_none(request: Request) -> PoolRuntime | None:
-    try:
-        return runtime_of(request)
-    except DBPoolError:
-        return None
+def _runtimes(request: Request) -> dict[str, PoolRuntime]:
+    """The app's running pools on this loop, by name."""
+    pools = find_pools(request.scope)
+    if pools is None:
+        return {}
+    found = {}
+    for name, runtime in pools.by_name.items():
+        try:
+            runtime.check_loop()
+        except DBPoolError:
+            continue
+        found[name] = runtime
+    return found
 
 
-async def _unready_reason(runtime: PoolRuntime | None, timeout: float) -> str | None:
-    if runtime is None:
-        return "the pool is not running"
+def _joined(reasons: dict[str, str], pool_count: int) -> str:
+    """One reason as is; several (or of one of several pools) each with its pool's name."""
+    if pool_count > 1:
+        return "; ".join(f"pool {name!r}: {why}" for name, why in reasons.items())
+    return next(iter(reasons.values()))
+
+
+def _all_figures(runtimes: dict[str, PoolRuntime]) -> dict[str, Any]:
+    """``pool``: the first pool's figures (the only one's, in most apps); ``pools``: each's."""
+    each = {name: _figures(runtime) for name, runtime in runtimes.items()}
+    return {"pool": next(iter(each.values()), {}), "pools": each}
+
+
+async def _unready_reason(runtime: PoolRuntime, timeout: float) -> str | None:
     if runtime.closing:
         return "shutting down"
     try:
         async with runtime.lease(timeout, for_request=False) as lease:
             try:
+                if runtime.settings.writable and await _failover.is_read_only(lease.conn):
+                    _failover.replace_all(runtime.pool, "the readiness probe found it read-only")
+                    return _failover.READ_ONLY
                 await lease.conn.execute("SELECT 1")
             except psycopg.Error as ex:
                 return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
@@ -75,8 +119,6 @@ async def _unready_reason(runtime: PoolRuntime | None, timeout: float) -> str | 
     return None
 
 
-def _figures(runtime: PoolRuntime | None) -> dict[str, int]:
-    if runtime is None:
-        return {}
+def _figures(runtime: PoolRuntime) -> dict[str, int]:
     stats = runtime.pool_stats()
     return {ours: int(stats.get(theirs, 0)) for ours, theirs in _FIGURES.items()}

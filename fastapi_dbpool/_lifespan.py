@@ -7,8 +7,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -19,11 +19,13 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from . import _cleanup, _config, _credentials, _dsn, _env, _pinned, _pooler
 from ._connect_errors import ConnectLog
 from ._connection import CLEANUP_TIMEOUT, check_connects_as
+from ._dependencies import PoolDependencies
 from ._metrics import PoolStats, snapshot
 from ._pinned import Pinned, binding
 from ._pool_internals import can_return_now, release_idle_promptly
 from ._preflight import preflight
-from ._state import STATE_KEY, PoolRuntime, Settings, attach
+from ._registry import STATE_KEY, Finder, pools_of, same_name
+from ._state import PoolRuntime, Settings
 from ._transaction import transaction
 from ._watchdog import LoopWatchdog
 from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
@@ -69,6 +71,11 @@ class DBPool:
       statements, deadlines as transaction-local timeouts, session-level statements
       refused (`SessionStateError`). None: a pooler found at open is warned about;
       False: connected directly or through a session pooler, no warning.
+    - ``writable`` (False): True for a pool that must reach the primary. Each new
+      connection is checked (``SHOW transaction_read_only``) and a read-only server
+      refused, at startup (`PoolOpenError`) and after a failover, until the writable
+      server answers; a statement failing as read-only (SQLSTATE 25006) replaces every
+      connection; ``/readyz`` says "connected server is read-only" meanwhile.
 
     Nothing connects and nothing binds to an event loop until `lifespan` runs, so a
     DBPool can be created at import time. Misconfiguration raises `ConfigurationError`
@@ -88,6 +95,7 @@ class DBPool:
         allow_concurrent_tasks: bool = False,
         watchdog: float | None = 0.1,
         transaction_pooler: bool | None = None,
+        writable: bool = False,
         **pool_kwargs: Any,
     ) -> None:
         params: dict[str, str] | None = None
@@ -116,6 +124,7 @@ class DBPool:
             retry_after=max(1, math.ceil(retry_after)),
             allow_concurrent_tasks=bool(allow_concurrent_tasks),
             transaction_pooler=None if transaction_pooler is None else bool(transaction_pooler),
+            writable=bool(writable),
             watchdog=None
             if watchdog is None
             else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
@@ -129,6 +138,7 @@ class DBPool:
             transaction_pooler=bool(transaction_pooler),
             connect_log=self._connect_log,
             password=password,
+            writable=bool(writable),
         )
         self._conninfo: _credentials.Source = conninfo
         if not isinstance(conninfo, str):
@@ -137,6 +147,17 @@ class DBPool:
                 conninfo, self.name, self._connect_log, check
             )
         self._runtime: PoolRuntime | None = None
+        own = PoolDependencies(Finder(self.name))
+        #: This pool's request connection (autocommit), for an app with several pools.
+        self.ConnectionDep: Any = own.ConnectionDep
+        #: This pool's request transaction, committed before the response.
+        self.TransactionDep: Any = own.TransactionDep
+        #: This pool's transaction held until a streamed response has been sent.
+        self.StreamTransactionDep: Any = own.StreamTransactionDep
+        #: ``Depends(db.get_connection)``: as `fastapi_dbpool.get_connection`, of this pool.
+        self.get_connection = own.get_connection
+        self.get_transaction = own.get_transaction
+        self.get_stream_transaction = own.get_stream_transaction
         self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
         try:  # psycopg_pool checks sizes and names; nothing connects with open=False
             AsyncConnectionPool(conninfo, open=False, **self._pool_kwargs)
@@ -151,8 +172,8 @@ class DBPool:
         ``DBPOOL_MIN_SIZE``, ``DBPOOL_MAX_SIZE``, ``DBPOOL_MAX_WAITING``, ``DBPOOL_MAX_IDLE``,
         ``DBPOOL_MAX_LIFETIME``, ``DBPOOL_ACQUIRE_TIMEOUT``, ``DBPOOL_OPEN_TIMEOUT``,
         ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``, ``DBPOOL_TRANSACTION_POOLER``,
-        ``DBPOOL_PASSWORD_FILE`` (a `PasswordFile`). Keyword `overrides` win over the
-        environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
+        ``DBPOOL_WRITABLE``, ``DBPOOL_PASSWORD_FILE`` (a `PasswordFile`). Keyword `overrides`
+        win over the environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
         raises `ConfigurationError` naming it.
 
         Under pytest with fastapi_dbpool's plugin, a missing ``DATABASE_URL`` (in
@@ -185,7 +206,12 @@ class DBPool:
     def _snapshot(self, runtime: PoolRuntime) -> PoolStats:
         """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
         return snapshot(
-            self.name, runtime.pool_stats(), runtime.counters, runtime.watchdog, runtime.connect_log
+            self.name,
+            runtime.pool_stats(),
+            runtime.counters,
+            runtime.watchdog,
+            runtime.connect_log,
+            runtime.replica_lag,
         )
 
     @property
@@ -215,20 +241,26 @@ class DBPool:
                 f"DBPool {self.name!r} is already running for another app or lifespan; "
                 "create one DBPool per app."
             )
-        runtime = await self._open()
+        pools = pools_of(app)
+        pools.reserve(self.name)
+        try:
+            runtime = await self._open()
+        except BaseException:
+            pools.remove(self.name)
+            raise
         self._runtime = runtime
-        attach(app, runtime)
+        pools.add(self.name, runtime)
         if self._settings.watchdog is not None:
             runtime.watchdog = LoopWatchdog(runtime.loop, self._settings.watchdog, self.name)
             runtime.watchdog.start()
         try:
-            yield {STATE_KEY: runtime}
+            yield {STATE_KEY: pools}
         finally:
             runtime.closing = True  # from now on: no checkouts, readiness says "shutting down"
             try:
                 await self._close(runtime)
             finally:
-                attach(app, None)
+                pools.remove(self.name)
                 self._runtime = None
                 if runtime.watchdog is not None:
                     runtime.watchdog.stop()
@@ -273,10 +305,10 @@ class DBPool:
         except (TimeoutError, PoolTimeout) as ex:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             cause = f"{pool.min_size} connection(s) not ready in time ({type(ex).__name__})"
-            raise PoolOpenError(target, timeout, cause) from None
+            raise PoolOpenError(target, timeout, cause, self.name) from None
         except psycopg.Error as ex:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
-            raise PoolOpenError(target, timeout, _dsn.scrub(str(ex).strip())) from None
+            raise PoolOpenError(target, timeout, _dsn.scrub(str(ex).strip()), self.name) from None
         except BaseException:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             raise
@@ -331,3 +363,28 @@ def _cancel_requests() -> int:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return int(cancelling()) if cancelling else 0
+
+
+def lifespan(*pools: DBPool) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
+    """One lifespan for several pools: ``FastAPI(lifespan=lifespan(primary, replica))``.
+
+    Opens them in order, all or nothing: if one fails to open, those already open are
+    closed and the failure (`PoolOpenError` names the pool) ends startup. At shutdown
+    closes them all, the last opened first, each within its ``close_timeout``.
+    """
+    names = [db.name for db in pools]
+    if not pools or not all(isinstance(db, DBPool) for db in pools):
+        raise ConfigurationError("lifespan() takes one or more DBPool instances.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise same_name(twice[0])
+
+    @asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[dict[str, Any]]:
+        async with AsyncExitStack() as stack:
+            state: dict[str, Any] = {}
+            for db in pools:
+                state.update(await stack.enter_async_context(db.lifespan(app)))
+            yield state
+
+    return run

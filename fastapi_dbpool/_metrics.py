@@ -53,7 +53,9 @@ class PoolStats:
     ``too_many_connections``, ``read_only``, ``dns``, ``refused``, ``timeout``, ``other``),
     ``loop_stalls`` and ``worst_loop_lag_seconds`` (from the watchdog).
     ``last_connection_error``: why new connections fail, ``"<message> (<cause>)"`` without
-    secrets, while they do; None once a connection opens again.
+    secrets, while they do; None once a connection opens again. ``replica_lag_seconds``:
+    a replica's of `ReadReplicas`, as last measured (None: not a replica, unreachable,
+    or promoted).
     """
 
     name: str
@@ -74,6 +76,7 @@ class PoolStats:
     worst_loop_lag_seconds: float
     connection_errors_by_cause: dict[str, int]
     last_connection_error: str | None
+    replica_lag_seconds: float | None = None
 
 
 def snapshot(
@@ -82,6 +85,7 @@ def snapshot(
     counters: Counters,
     watchdog: LoopWatchdog | None,
     connect_log: ConnectLog,
+    replica_lag: float | None = None,
 ) -> PoolStats:
     """A `PoolStats` from psycopg_pool's ``get_stats()``, our counters and the watchdog."""
     return PoolStats(
@@ -103,6 +107,7 @@ def snapshot(
         worst_loop_lag_seconds=watchdog.worst_lag if watchdog else 0.0,
         connection_errors_by_cause=dict(connect_log.by_cause),
         last_connection_error=None if connect_log.current is None else str(connect_log.current),
+        replica_lag_seconds=replica_lag,
     )
 
 

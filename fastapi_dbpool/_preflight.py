@@ -16,7 +16,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from . import _config, _credentials, _dsn, _pooler
+from . import _config, _credentials, _dsn, _failover, _pooler
 from ._connection import run_own
 from ._state import Settings
 from .errors import PoolOpenError
@@ -56,6 +56,7 @@ async def preflight(
             settings.open_timeout,
             "getting the connection's kwargs= or password failed "
             f"({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            pool.name,
         ) from None
     try:
         resolved = await _credentials.resolve(conninfo, "conninfo")
@@ -64,9 +65,12 @@ async def preflight(
             target,
             settings.open_timeout,
             f"the conninfo callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            pool.name,
         ) from None
     conn = await AsyncConnection.connect(resolved, **kwargs)
     try:
+        if settings.writable:
+            await _failover.refuse_read_only(conn)
         pooled = settings.transaction_pooler or await _pooler.detect(conn)
         if settings.transaction_pooler is None and pooled:
             logger.warning(

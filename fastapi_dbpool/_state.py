@@ -1,4 +1,4 @@
-"""A running pool: where it lives per app, the loop check, checkout and release of leases."""
+"""A running pool: the loop check, checkout and release of leases."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
-from starlette.requests import HTTPConnection
 
-from . import _cleanup
+from . import _cleanup, _failover
 from ._clock import Clock
 from ._connect_errors import ConnectLog
-from ._connection import GuardedConnection, Lease, LeaseState, request_lease, run_own
+from ._connection import (
+    GuardedConnection,
+    Lease,
+    LeaseState,
+    request_lease,
+    request_lease_of,
+    run_own,
+)
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._metrics import Counters
 from ._pinned import Pinned
@@ -37,7 +43,6 @@ from .errors import (
 )
 
 logger = logging.getLogger("fastapi_dbpool")
-STATE_KEY = "fastapi_dbpool"
 _EXHAUSTION_LOG_EVERY = 10.0
 _TIMED_OUT: Any = object()  # what a waiter's future holds when its time ran out
 
@@ -54,6 +59,7 @@ class Settings:
     allow_concurrent_tasks: bool
     watchdog: float | None = None
     transaction_pooler: bool | None = None
+    writable: bool = False
 
 
 class PoolRuntime:
@@ -78,6 +84,7 @@ class PoolRuntime:
         self._last_exhaustion_log = 0.0
         self.watchdog: LoopWatchdog | None = None
         self.counters = Counters()
+        self.replica_lag: float | None = None  # seconds, as last measured by ReadReplicas
         self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
         self.loop_hint = ""  # how a test started the app, for WrongEventLoopError
         # Hand-over: while every connection is out, a release gives its connection straight
@@ -147,7 +154,7 @@ class PoolRuntime:
             control = None
         deadline = started + limit
         task = asyncio.current_task()
-        held = request_lease.get() if for_request else None
+        held = request_lease_of(self) if for_request else None
         if held is not None and held.state is LeaseState.ACTIVE and held.task is task:
             raise ConfigurationError(
                 "This request already holds a connection: StreamTransactionDep cannot be "
@@ -174,7 +181,7 @@ class PoolRuntime:
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
             assert isinstance(conn, GuardedConnection)
-            lease = Lease(conn, task, shared, self.settings.release_timeout, control, stream)
+            lease = Lease(conn, task, shared, self.settings.release_timeout, control, stream, self)
             conn._dbpool_lease = lease
             self.leases.add(lease)
             if control is not None:
@@ -188,6 +195,9 @@ class PoolRuntime:
                     if self.session_timeouts:
                         await self._bound_session(conn, control)
                     if for_request:
+                        latest = request_lease.get()
+                        if latest is not None:  # this request's leases of other pools
+                            lease.previous = latest.previous if latest.runtime is self else latest
                         request_lease.set(lease)
                     self.counters.waited(time.monotonic() - started)
                     return lease
@@ -311,8 +321,16 @@ class PoolRuntime:
         lease = await self.acquire(timeout, for_request=for_request, stream=stream)
         try:
             yield lease
+        except BaseException as exc:
+            self.failed(exc)
+            raise
         finally:
             await self.release(lease)
+
+    def failed(self, exc: BaseException) -> None:
+        """A block holding one of this pool's connections raised `exc`."""
+        if self.settings.writable:
+            _failover.saw(self.pool, exc)
 
     async def release(self, lease: Lease) -> None:
         """Give `lease`'s connection back to the pool; shielded, bounded, never raises."""
@@ -448,26 +466,3 @@ def _readable(conn: GuardedConnection) -> bool:
         poller = conn._dbpool_poller = select.poll()  # the socket is the same for life
         poller.register(conn.pgconn.socket, select.POLLIN)
     return bool(poller.poll(0))
-
-
-def attach(app: Any, runtime: PoolRuntime | None) -> None:
-    """Record (or forget, with None) the running pool on the app itself."""
-    setattr(app.state, STATE_KEY, runtime)
-
-
-def find_runtime(scope: Mapping[str, Any]) -> PoolRuntime | None:
-    """The pool running for the app of this ASGI scope, if any (no checks)."""
-    state = scope.get("state")
-    runtime = state.get(STATE_KEY) if type(state) is dict or isinstance(state, Mapping) else None
-    if runtime is None:
-        runtime = getattr(getattr(scope.get("app"), "state", None), STATE_KEY, None)
-    return runtime if isinstance(runtime, PoolRuntime) else None
-
-
-def runtime_of(connection: HTTPConnection) -> PoolRuntime:
-    """The pool running for this request's app, checked against the current loop."""
-    runtime = find_runtime(connection.scope)
-    if runtime is None or runtime.pool.closed:
-        raise PoolNotRunningError()
-    runtime.check_loop()
-    return runtime

@@ -9,6 +9,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
@@ -17,8 +18,11 @@ from . import _cleanup
 from ._clock import Clock, Due
 from ._connection import LeaseState
 from ._deadline import RequestControl
-from ._state import find_runtime
+from ._registry import find_runtime
 from .errors import DEADLINE_DETAIL
+
+if TYPE_CHECKING:
+    from ._state import PoolRuntime
 
 logger = logging.getLogger("fastapi_dbpool")
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -65,6 +69,7 @@ class Watcher(RequestControl):
         "cancel_scope",
         "clock",
         "complete",
+        "cut_pools",
         "disconnected",
         "loop",
         "pump",
@@ -102,6 +107,7 @@ class Watcher(RequestControl):
         self.watch_at = self.start + _WATCH_AFTER
         self.pump: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None  # made when watching starts: most requests end before
+        self.cut_pools: set[PoolRuntime] | None = None  # whose connections a cut found held
         # _arm_timer(), inline for every request: due at the deadline or the watch, if sooner
         at = self.deadline if self.deadline < self.watch_at else self.watch_at
         self.slot: set[Due] | None = clock.add(at, self)
@@ -137,14 +143,22 @@ class Watcher(RequestControl):
         """The request was cut: answer for the app (a 504, or the end of the body)."""
         try:
             self._stop_watching()
-            runtime = find_runtime(self.scope)
-            # Counted here, once the handler is done: a deadline that ran out while it
-            # waited for a connection is counted there, even if this cut came first.
-            if runtime is not None and not self.ran_out_in_pool:
-                runtime.counters.cancelled_requests += 1
+            # Counted here, once the handler is done, by each pool whose connection the
+            # request held when it was cut (else the app's only pool): a deadline that
+            # ran out while it waited for a connection is counted there, even if this cut
+            # came first.
+            if not self.ran_out_in_pool:
+                for runtime in self._pools_used():
+                    runtime.counters.cancelled_requests += 1
             await self._answer()
         finally:
             self.end()
+
+    def _pools_used(self) -> set[PoolRuntime]:
+        if self.cut_pools:
+            return self.cut_pools
+        only = find_runtime(self.scope)  # a cut by statement_timeout, or between checkouts
+        return set() if only is None else {only}
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -209,7 +223,9 @@ class Watcher(RequestControl):
     async def _cancel(self) -> None:
         """Server first: stop each running statement in PostgreSQL, then cancel the handler."""
         scope = self.cancel_scope  # the request may end, and drop it, while this waits
-        for lease in self.held():
+        held = self.held()
+        self.cut_pools = {lease.runtime for lease in held if lease.runtime is not None}
+        for lease in held:
             if lease.state is LeaseState.ACTIVE:
                 lease.conn._dbpool_cancelled_gen = lease.conn._dbpool_gen
                 await _cleanup.cancel_on_server(lease.conn, lease.cleanup_timeout)

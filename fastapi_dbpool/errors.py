@@ -85,9 +85,11 @@ class WrongEventLoopError(DBPoolError, RuntimeError):
 class PoolOpenError(DBPoolError, RuntimeError):
     """The lifespan could not open the pool: PostgreSQL unreachable, refused or too slow."""
 
-    def __init__(self, target: str, timeout: float, cause: str) -> None:
+    def __init__(self, target: str, timeout: float, cause: str, name: str | None = None) -> None:
+        self.pool_name = name
+        pool = "the connection pool" if name is None else f"pool {name!r}"
         super().__init__(
-            f"Could not open the connection pool to {target} within {timeout:g}s: {cause}. "
+            f"Could not open {pool} to {target} within {timeout:g}s: {cause}. "
             "Check the connection URL (host, port, database, user, password), that the server "
             "is running and accepts connections, or raise open_timeout."
         )

@@ -9,13 +9,14 @@
     registry.register(DBPoolCollector(db))
     app.mount("/metrics", make_asgi_app(registry))
 
-Every metric carries a ``pool`` label (the pool's name). Nothing is reported while the
-pool is not running. Collection only reads tallies: it may run in any thread.
+Every metric carries a ``pool`` label (the pool's name); ``DBPoolCollector(db, replica)``
+reports several pools. Nothing is reported of a pool that is not running. Collection
+only reads tallies: it may run in any thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 try:
     from prometheus_client.core import (
@@ -33,6 +34,8 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
 
 from ._connect_errors import CAUSES
 from ._lifespan import DBPool
+from ._metrics import PoolStats
+from .errors import ConfigurationError
 
 __all__ = ["DBPoolCollector"]
 
@@ -40,65 +43,85 @@ _PREFIX = "fastapi_dbpool_"
 
 
 class DBPoolCollector(Collector):
-    """Exposes `DBPool.stats()` at each scrape, in Prometheus' naming conventions."""
+    """Exposes `DBPool.stats()` of each pool at each scrape, in Prometheus' conventions.
 
-    def __init__(self, db: DBPool) -> None:
-        self.db = db
+    ``DBPoolCollector(primary, replica)``: one collector for all the app's pools, each
+    metric labelled by pool (two collectors would repeat each metric family).
+    """
+
+    def __init__(self, *dbs: DBPool) -> None:
+        if not dbs or len({db.name for db in dbs}) != len(dbs):
+            raise ConfigurationError(
+                "DBPoolCollector takes one or more DBPools, each of its own name=."
+            )
+        self.dbs = dbs
 
     def collect(self) -> Iterator[Metric]:
-        runtime = self.db._runtime
-        if runtime is None:
+        running = [(db, db._runtime) for db in self.dbs]
+        all_stats = [db._snapshot(runtime) for db, runtime in running if runtime is not None]
+        if not all_stats:
             return
-        stats = self.db._snapshot(runtime)
-        label = [stats.name]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        def gauge(name: str, doc: str, value: Callable[[PoolStats], float | None]) -> Metric:
             family = GaugeMetricFamily(_PREFIX + name, doc, labels=["pool"])
-            family.add_metric(label, value)
+            for stats in all_stats:
+                figure = value(stats)
+                if figure is not None:
+                    family.add_metric([stats.name], figure)
             return family
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        def counter(name: str, doc: str, value: Callable[[PoolStats], float]) -> Metric:
             family = CounterMetricFamily(_PREFIX + name, doc, labels=["pool"])
-            family.add_metric(label, value)
+            for stats in all_stats:
+                family.add_metric([stats.name], value(stats))
             return family
 
-        yield gauge("pool_min_connections", "min_size of the pool.", stats.pool_min)
-        yield gauge("pool_max_connections", "max_size of the pool.", stats.pool_max)
-        yield gauge("pool_connections", "Connections open, in use or idle.", stats.pool_size)
-        yield gauge("pool_available_connections", "Idle connections.", stats.pool_available)
+        yield gauge("pool_min_connections", "min_size of the pool.", lambda s: s.pool_min)
+        yield gauge("pool_max_connections", "max_size of the pool.", lambda s: s.pool_max)
+        yield gauge("pool_connections", "Connections open, in use or idle.",
+                    lambda s: s.pool_size)  # fmt: skip
+        yield gauge("pool_available_connections", "Idle connections.",
+                    lambda s: s.pool_available)  # fmt: skip
         yield gauge("pool_waiting_requests", "Requests waiting for a connection.",
-                    stats.requests_waiting)  # fmt: skip
+                    lambda s: s.requests_waiting)  # fmt: skip
         histogram = HistogramMetricFamily(
             _PREFIX + "acquire_wait_seconds",
             "Time a checkout waited for a connection.",
             labels=["pool"],
         )
-        histogram.add_metric(
-            label,
-            [(repr(b), float(n)) for b, n in stats.acquire_wait_buckets]
-            + [("+Inf", float(stats.checkouts))],
-            sum_value=stats.acquire_wait_seconds,
-        )
+        for stats in all_stats:
+            histogram.add_metric(
+                [stats.name],
+                [(repr(b), float(n)) for b, n in stats.acquire_wait_buckets]
+                + [("+Inf", float(stats.checkouts))],
+                sum_value=stats.acquire_wait_seconds,
+            )
         yield histogram
         yield counter("exhausted", "Requests answered 503: no connection in time.",
-                      stats.exhausted)  # fmt: skip
+                      lambda s: s.exhausted)  # fmt: skip
         yield counter("deadline_exceeded", "Checkouts cut by the request's deadline (504).",
-                      stats.deadline_exceeded)  # fmt: skip
+                      lambda s: s.deadline_exceeded)  # fmt: skip
         yield counter("cancelled_requests", "Requests cut by CancellationMiddleware.",
-                      stats.cancelled_requests)  # fmt: skip
+                      lambda s: s.cancelled_requests)  # fmt: skip
         yield counter("discarded_connections", "Connections closed instead of returned.",
-                      stats.discarded_on_release)  # fmt: skip
+                      lambda s: s.discarded_on_release)  # fmt: skip
         yield counter("connection_errors", "Failed attempts to open a connection.",
-                      stats.connection_errors)  # fmt: skip
+                      lambda s: s.connection_errors)  # fmt: skip
         by_cause = CounterMetricFamily(
             _PREFIX + "connection_failures",
             "Failed attempts to open a connection, by cause (the package's count).",
             labels=["pool", "cause"],
         )
-        for cause in CAUSES:
-            by_cause.add_metric([*label, cause], stats.connection_errors_by_cause.get(cause, 0))
+        for stats in all_stats:
+            for cause in CAUSES:
+                by_cause.add_metric(
+                    [stats.name, cause], stats.connection_errors_by_cause.get(cause, 0)
+                )
         yield by_cause
         yield counter("loop_stalls", "Times the event loop was blocked past the watchdog's "
-                      "threshold.", stats.loop_stalls)  # fmt: skip
+                      "threshold.", lambda s: s.loop_stalls)  # fmt: skip
         yield gauge("loop_worst_lag_seconds", "Longest event-loop stall seen.",
-                    stats.worst_loop_lag_seconds)  # fmt: skip
+                    lambda s: s.worst_loop_lag_seconds)  # fmt: skip
+        yield gauge("replica_lag_seconds", "A read replica's lag, as last measured by "
+                    "ReadReplicas (absent while unknown).",
+                    lambda s: s.replica_lag_seconds)  # fmt: skip

@@ -58,6 +58,7 @@ async def test_readiness_is_503_when_no_pool_runs() -> None:
     assert response.json() == {
         "status": "not ready",
         "pool": {},
+        "pools": {},
         "reason": "the pool is not running",
     }
 

@@ -1,0 +1,228 @@
+"""Reads routed to real streaming replicas (``pg_basebackup -R``), writes to the primary.
+
+The servers are a primary and two replicas made by the tests (tests/_replication.py);
+each answer says which server ran it (its socket directory) and whether it was a standby.
+"""
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from psycopg import AsyncConnection
+
+from fastapi_dbpool import DBPool, ReadReplicas, health_router
+
+from ._replication import Cluster, cluster
+
+pytestmark = pytest.mark.anyio
+
+_WHERE = "SELECT current_setting('unix_socket_directories'), pg_is_in_recovery()"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Cluster]:
+    with cluster(replicas=2) as made:
+        made.primary.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        for node in made.replicas:
+            made.wait_replayed(node)
+        yield made
+
+
+def reader_app(servers: Cluster, app_name: str, **kwargs: Any) -> tuple[FastAPI, ReadReplicas]:
+    primary = DBPool(
+        servers.primary.url, name=f"{app_name}_p", writable=True, min_size=1, max_size=4
+    )
+    replicas = [
+        DBPool(node.url, name=f"{app_name}_r{i}", min_size=1, max_size=4, acquire_timeout=2)
+        for i, node in enumerate(servers.replicas, 1)
+    ]
+    reader = ReadReplicas(primary, *replicas, check_interval=0.2, **kwargs)
+    app = FastAPI(lifespan=reader.lifespan)
+    app.include_router(health_router())
+    Write = Annotated[AsyncConnection[Any], Depends(primary.get_transaction)]
+    Read = Annotated[AsyncConnection[Any], Depends(reader.get_read_transaction)]
+
+    @app.exception_handler(psycopg.Error)
+    async def failed(request: Request, exc: psycopg.Error) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__}, status_code=500)
+
+    @app.get("/where")
+    async def where(conn: Read) -> list[Any]:
+        row = await (await conn.execute(_WHERE)).fetchone()
+        return list(row or ())
+
+    @app.post("/notes")
+    async def write(body: str, tx: Write) -> list[Any]:
+        await tx.execute("INSERT INTO notes (body) VALUES (%s)", (body,))
+        row = await (await tx.execute(_WHERE)).fetchone()
+        return list(row or ())
+
+    @app.post("/through-reader")
+    async def write_through_reader(conn: Read) -> None:
+        await conn.execute("INSERT INTO notes (body) VALUES ('never')")
+
+    @app.post("/write-then-read")
+    async def write_then_read(body: str, tx: Write, conn: Read) -> int:
+        await tx.execute("INSERT INTO notes (body) VALUES (%s)", (body,))
+        cur = await conn.execute("SELECT count(*) FROM notes WHERE body = %s", (body,))
+        return int((await cur.fetchone() or (0,))[0])
+
+    return app, reader
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        yield client
+
+
+def sockets(servers: Cluster) -> tuple[str, list[str]]:
+    return str(servers.primary.socket_dir), [str(n.socket_dir) for n in servers.replicas]
+
+
+async def test_reads_spread_over_the_replicas_and_writes_reach_the_primary(
+    servers: Cluster, app_name: str
+) -> None:
+    app, reader = reader_app(servers, app_name)
+    primary_socket, replica_sockets = sockets(servers)
+
+    async with running(app) as client:
+        assert reader.lag() == {f"{app_name}_r1": 0.0, f"{app_name}_r2": 0.0}
+
+        async def one(n: int) -> tuple[str, Any]:
+            if n % 4 == 0:
+                answer = await client.post("/notes", params={"body": f"{app_name}-{n}"})
+                return "write", (answer.status_code, *answer.json())
+            answer = await client.get("/where")
+            return "read", (answer.status_code, *answer.json())
+
+        results = await asyncio.gather(*(one(n) for n in range(200)))
+        ready = (await client.get("/readyz")).json()
+
+    writes = Counter(r for kind, r in results if kind == "write")
+    reads = Counter(r for kind, r in results if kind == "read")
+    assert writes == {(200, primary_socket, False): 50}
+    assert set(reads) == {(200, s, True) for s in replica_sockets}, reads
+    assert min(reads.values()) >= 50  # the fit replicas taken in turn
+    assert ready["status"] == "ready"
+    rows = servers.primary.execute(f"SELECT count(*) FROM notes WHERE body LIKE '{app_name}-%'")
+    assert rows == [(50,)]
+
+
+async def test_a_write_through_the_reader_is_refused_on_replica_and_primary(
+    servers: Cluster, app_name: str
+) -> None:
+    app, _ = reader_app(servers, app_name)
+    async with running(app) as client:
+        refused = await client.post("/through-reader")
+        assert refused.json() == {"error": "ReadOnlySqlTransaction"}
+    # every replica lagging past the bound: the reader falls back to the primary, READ ONLY
+    app, reader = reader_app(servers, app_name, max_replica_lag=0.5)
+    primary_socket, _ = sockets(servers)
+    for node in servers.replicas:
+        node.execute("SELECT pg_wal_replay_pause()")
+    try:
+        async with running(app) as client:
+            servers.primary.execute("INSERT INTO notes (body) VALUES ('behind')")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(
+                lag is not None and lag <= 0.5 for lag in reader.lag().values()
+            ):
+                await asyncio.sleep(0.1)
+            assert all(lag is not None and lag > 0.5 for lag in reader.lag().values())
+            assert (await client.get("/where")).json() == [primary_socket, False]
+            refused = await client.post("/through-reader")
+            assert refused.json() == {"error": "ReadOnlySqlTransaction"}
+            assert reader.replicas[0].stats().replica_lag_seconds == reader.lag()[f"{app_name}_r1"]
+    finally:
+        for node in servers.replicas:
+            node.execute("SELECT pg_wal_replay_resume()")
+            servers.wait_replayed(node)
+    never = servers.primary.execute("SELECT count(*) FROM notes WHERE body = 'never'")
+    assert never == [(0,)]
+
+
+async def test_a_request_that_writes_reads_its_own_writes(servers: Cluster, app_name: str) -> None:
+    app, _ = reader_app(servers, app_name)
+    async with running(app) as client:
+        seen = await client.post("/write-then-read", params={"body": f"{app_name}-ryw"})
+    assert seen.json() == 1  # the reader shared the writer's transaction, on the primary
+
+
+async def test_a_replica_stopped_mid_load_sends_reads_elsewhere(
+    servers: Cluster, app_name: str
+) -> None:
+    app, reader = reader_app(servers, app_name)
+    _, replica_sockets = sockets(servers)
+    stopped = servers.replicas[1]
+    statuses: list[int] = []
+    where: Counter[str] = Counter()
+    try:
+        async with running(app) as client:
+
+            async def reads(n: int) -> None:
+                for _ in range(n):
+                    answer = await client.get("/where")
+                    statuses.append(answer.status_code)
+                    if answer.status_code == 200:
+                        where[answer.json()[0]] += 1
+
+            await asyncio.gather(*(reads(10) for _ in range(8)))
+            await asyncio.to_thread(stopped.stop)
+            statuses.clear()
+            where.clear()
+            await asyncio.gather(*(reads(25) for _ in range(8)))
+            failed_while_noticing = len([s for s in statuses if s != 200])
+            statuses.clear()
+            where.clear()
+            await asyncio.gather(*(reads(10) for _ in range(8)))
+            ready = (await client.get("/readyz")).json()
+            assert reader.lag()[f"{app_name}_r2"] is None
+    finally:
+        await asyncio.to_thread(stopped.start)
+        await asyncio.to_thread(stopped.wait_streaming)
+    # at most the reads that were on the stopped server, or sent there before it was noticed
+    assert failed_while_noticing <= 8
+    assert statuses == [200] * 80  # once noticed: every read served
+    assert set(where) == {replica_sockets[0]}
+    assert ready["status"] == "ready"
+    assert f"pool '{app_name}_r2'" in ready["degraded"]
+
+
+async def test_lag_and_each_pool_in_one_prometheus_collector(
+    servers: Cluster, app_name: str
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fastapi_dbpool.prometheus import DBPoolCollector
+
+    app, reader = reader_app(servers, app_name)
+    registry = CollectorRegistry()
+    registry.register(DBPoolCollector(reader.primary, *reader.replicas))
+    async with running(app):
+        deadline = time.monotonic() + 10
+        while set(reader.lag().values()) != {0.0} and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        text = generate_latest(registry).decode()
+    lag_lines = [
+        line for line in text.splitlines() if line.startswith("fastapi_dbpool_replica_lag")
+    ]
+    assert lag_lines == [
+        f'fastapi_dbpool_replica_lag_seconds{{pool="{app_name}_r1"}} 0.0',
+        f'fastapi_dbpool_replica_lag_seconds{{pool="{app_name}_r2"}} 0.0',
+    ]
+    assert text.count("# HELP fastapi_dbpool_pool_connections ") == 1
+    for name in ("p", "r1", "r2"):
+        assert f'fastapi_dbpool_pool_connections{{pool="{app_name}_{name}"}} 1.0' in text
