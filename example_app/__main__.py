@@ -14,7 +14,7 @@ import uvicorn
 from fastapi_dbpool import DBPool
 from fastapi_dbpool.testing import database_url
 
-from .app import create_app
+from .app import create_app, replicas_from_env
 
 
 def main() -> None:
@@ -26,7 +26,8 @@ def main() -> None:
     # PostgreSQL is stopped by the `with` below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with database_url() as url:
-        app = create_app(DBPool.from_env({**os.environ, "DATABASE_URL": url}, min_size=1))
+        db = DBPool.from_env({**os.environ, "DATABASE_URL": url}, min_size=1, writable=True)
+        app = create_app(db, *replicas_from_env())
         print(f"example_app: listening on http://{host}:{port} (try /items, /docs)", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -1,24 +1,29 @@
 """A small service built the way the README shows.
 
 Items, created in transactions; a move between two items that commits as a whole or not at
-all; a paginated list; a streamed export; a deliberately slow report that shows deadlines
-and client disconnects; health, readiness and Prometheus metrics.
+all; a paginated list and single items read through `ReadReplicas` (from read replicas when
+``DATABASE_REPLICA_URLS`` names some, else read-only on the primary); a streamed export; a
+deliberately slow report that shows deadlines and client disconnects; health, readiness
+and Prometheus metrics.
 """
 
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
+from psycopg import AsyncConnection
 from pydantic import BaseModel
 
 from fastapi_dbpool import (
     CancellationMiddleware,
     ConnectionDep,
     DBPool,
+    ReadReplicas,
     StreamTransactionDep,
     TransactionDep,
     deadline,
@@ -44,12 +49,14 @@ class Item(ItemIn):
     id: int
 
 
-def create_app(db: DBPool) -> FastAPI:
-    """The example app on `db`; the schema is created (idempotently) at startup."""
+def create_app(db: DBPool, *replicas: DBPool) -> FastAPI:
+    """The example app on `db` (the primary) and its read `replicas`, if any; the schema is
+    created (idempotently) at startup."""
+    reader = ReadReplicas(db, *replicas, max_replica_lag=5)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with db.lifespan(app) as state:
+        async with reader.lifespan(app) as state:
             async with db.connection() as conn:
                 await conn.execute(SCHEMA)
             yield state
@@ -60,11 +67,13 @@ def create_app(db: DBPool) -> FastAPI:
     app.add_middleware(CancellationMiddleware, timeout=10, timeout_header="X-Request-Timeout")
     app.include_router(health_router())
     registry = CollectorRegistry()
-    registry.register(DBPoolCollector(db))
+    registry.register(DBPoolCollector(db, *replicas))
     app.mount("/metrics", make_asgi_app(registry))
+    # a READ ONLY transaction, on a replica when one is fit
+    ReadDep = Annotated[AsyncConnection[Any], Depends(reader.get_read_transaction)]
 
     @app.get("/items")
-    async def list_items(conn: ConnectionDep, limit: int = 50, after: int = 0) -> list[Item]:
+    async def list_items(conn: ReadDep, limit: int = 50, after: int = 0) -> list[Item]:
         cur = await conn.execute(
             "SELECT id, name, quantity FROM items WHERE id > %s ORDER BY id LIMIT %s",
             (after, min(limit, 500)),
@@ -72,7 +81,7 @@ def create_app(db: DBPool) -> FastAPI:
         return [Item(id=i, name=n, quantity=q) for i, n, q in await cur.fetchall()]
 
     @app.get("/items/{item_id}")
-    async def get_item(item_id: int, conn: ConnectionDep) -> Item:
+    async def get_item(item_id: int, conn: ReadDep) -> Item:
         cur = await conn.execute("SELECT id, name, quantity FROM items WHERE id = %s", (item_id,))
         row = await cur.fetchone()
         if row is None:
@@ -139,7 +148,13 @@ def create_app(db: DBPool) -> FastAPI:
     return app
 
 
+def replicas_from_env(environ: Mapping[str, str] = os.environ) -> list[DBPool]:
+    """A pool for each URL of ``DATABASE_REPLICA_URLS`` (separated by spaces)."""
+    urls = environ.get("DATABASE_REPLICA_URLS", "").split()
+    return [DBPool(url, name=f"replica{i}", min_size=1) for i, url in enumerate(urls, 1)]
+
+
 def from_env() -> FastAPI:
-    """The app on ``DATABASE_URL`` and ``DBPOOL_*`` (for ``uvicorn --factory``, as in the
-    Dockerfile)."""
-    return create_app(DBPool.from_env(min_size=1))
+    """The app on ``DATABASE_URL``, ``DATABASE_REPLICA_URLS`` and ``DBPOOL_*`` (for
+    ``uvicorn --factory``, as in the Dockerfile)."""
+    return create_app(DBPool.from_env(min_size=1, writable=True), *replicas_from_env())
