@@ -317,7 +317,7 @@ class DBPool:
 
     async def _close(self, runtime: PoolRuntime) -> None:
         runtime.closing = True
-        runtime.wake_all()
+        runtime.line.wake_all()
         for lease in list(runtime.leases):
             logger.warning(
                 "pool %r: a connection is still checked out at shutdown (%r); cancelling its "

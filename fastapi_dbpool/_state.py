@@ -9,7 +9,6 @@ import select
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from . import _cleanup, _failover
-from ._clock import Clock
 from ._connect_errors import ConnectLog
 from ._connection import (
     GuardedConnection,
@@ -30,6 +28,7 @@ from ._connection import (
     run_own,
 )
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
+from ._hand_over import WaitingLine
 from ._metrics import Counters
 from ._pinned import Pinned
 from ._pool_internals import queued_in, return_now, stale
@@ -44,7 +43,6 @@ from .errors import (
 
 logger = logging.getLogger("fastapi_dbpool")
 _EXHAUSTION_LOG_EVERY = 10.0
-_TIMED_OUT: Any = object()  # what a waiter's future holds when its time ran out
 
 
 @dataclass(frozen=True)
@@ -87,10 +85,7 @@ class PoolRuntime:
         self.replica_lag: float | None = None  # seconds, as last measured by ReadReplicas
         self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
         self.loop_hint = ""  # how a test started the app, for WrongEventLoopError
-        # Hand-over: while every connection is out, a release gives its connection straight
-        # to the first waiting checkout instead of through psycopg_pool (putconn, a worker
-        # task, the pool's lock, a waiting client's wait_for task): a third of the pool's
-        # cost per request under load. Off with a user's reset (psycopg_pool must see every
+        # Hand-over (see _hand_over): off with a user's reset (psycopg_pool must see every
         # return) or check (every checkout), and with a psycopg_pool laid out otherwise
         # (see _pool_internals): it must not pass over the checkouts queued inside it.
         self.hand_over = False
@@ -98,17 +93,12 @@ class PoolRuntime:
         # psycopg_pool's idle deque, without its worker task (see _pool_internals).
         self.direct_return = False
         self.out = 0  # connections psycopg_pool handed to us and we have not given back
-        self.waiting = 0  # checkouts waiting for a hand-over
-        self._waiters: deque[asyncio.Future[GuardedConnection | None]] = deque()
-        # Ends the waits for a hand-over in time: under load, nearly every checkout waits,
-        # and an asyncio timer each (a handle, a heap entry left behind when cancelled)
-        # cost more than the rest of the hand-over.
-        self._clock = Clock(self.loop)
+        self.line = WaitingLine(self.loop, pool.name, self._pass_on)
 
     def pool_stats(self) -> dict[str, int]:
         """psycopg_pool's ``get_stats()``, counting checkouts waiting for a hand-over too."""
         stats = self.pool.get_stats()
-        stats["requests_waiting"] = stats.get("requests_waiting", 0) + self.waiting
+        stats["requests_waiting"] = stats.get("requests_waiting", 0) + self.line.count
         return stats
 
     def check_loop(self) -> None:
@@ -229,8 +219,9 @@ class PoolRuntime:
     async def _checkout(self, deadline: float, limit: float) -> GuardedConnection:
         """A connection from psycopg_pool, or handed over by a release while all are out."""
         # while others wait for a hand-over, join them rather than pass them in psycopg_pool
-        if self.hand_over and not self.closing and (self.out >= self.pool.max_size or self.waiting):
-            conn = await self._wait_for_hand_over(deadline, limit)
+        line = self.line
+        if self.hand_over and not self.closing and (self.out >= self.pool.max_size or line.count):
+            conn = await line.wait(deadline, limit, self.pool.max_waiting)
             if conn is not None:
                 return conn
             # None: its turn to ask psycopg_pool (a connection went back to it, or a
@@ -239,56 +230,17 @@ class PoolRuntime:
             conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
         except BaseException:
             if self.out < self.pool.max_size:
-                self._wake_one()  # this may have been a waiter's turn: pass it on
+                self.line.wake_one()  # this may have been a waiter's turn: pass it on
             raise
         assert isinstance(conn, GuardedConnection)
         self.out += 1
-        return conn
-
-    async def _wait_for_hand_over(self, deadline: float, limit: float) -> GuardedConnection | None:
-        max_waiting = self.pool.max_waiting
-        if max_waiting and self.waiting >= max_waiting:
-            raise TooManyRequests(
-                f"the pool {self.pool.name!r} already has {self.waiting} requests waiting"
-            )
-        waiter: asyncio.Future[GuardedConnection | None] = self.loop.create_future()
-        self._waiters.append(waiter)
-        self.waiting += 1
-        expiry = _Expiry(waiter)
-        slot = self._clock.add(deadline, expiry)
-        try:
-            conn = await waiter
-        except BaseException:
-            # Cancelled, perhaps just after a release handed this waiter its connection
-            # or its turn: pass either on, or a pool slot is lost.
-            if waiter.done() and not waiter.cancelled():
-                got = waiter.result()
-                if isinstance(got, GuardedConnection):
-                    self._pass_on(got)
-                elif got is None:
-                    self._wake_one()
-            raise
-        finally:
-            slot.discard(expiry)
-            self.waiting -= 1
-        if conn is _TIMED_OUT:
-            raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec")
         return conn
 
     def _hand_over(self, conn: GuardedConnection) -> bool:
         """Give `conn` to the first waiting checkout, if there is one and `conn` may go as is."""
         if self.closing or not _cleanup.ready_for_next(conn) or stale(self.pool, conn):
             return False
-        return self._answer_first(conn)
-
-    def _answer_first(self, answer: GuardedConnection | None) -> bool:
-        """Give `answer` (a connection, or None: ask psycopg_pool) to the first waiter left."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # done: its time ran out, or it was cancelled
-                waiter.set_result(answer)
-                return True
-        return False
+        return self.line.answer_first(conn)
 
     def _pass_on(self, conn: GuardedConnection) -> None:
         """A connection handed to a checkout that was cancelled before it could take it."""
@@ -300,18 +252,10 @@ class PoolRuntime:
         """`conn` is on its way back to psycopg_pool: a waiter may ask it now (`wake`)."""
         self.out -= 1
         if wake:
-            self._wake_one()
+            self.line.wake_one()
         if conn._dbpool_returned_to is not self:  # see `returned`
             conn._dbpool_returned_to = self
             self.returned.add(conn)
-
-    def _wake_one(self) -> None:
-        self._answer_first(None)
-
-    def wake_all(self) -> None:
-        """At shutdown: every waiting checkout asks psycopg_pool, which refuses it."""
-        while self._answer_first(None):
-            pass
 
     @asynccontextmanager
     async def lease(
@@ -341,12 +285,12 @@ class PoolRuntime:
         try:
             if self.pinned is not None:
                 healthy = await self.pinned.give_back(self.settings.release_timeout)
-            elif self._waiters and queued_in(self.pool):
+            elif self.line.waiters and queued_in(self.pool):
                 # checkouts that waited longer, inside psycopg_pool, are served first; the
                 # ones waiting here are told once that queue is empty (or one of it fails)
                 self._given_back(conn, wake=False)
                 healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
-            elif self._waiters and self._hand_over(conn):
+            elif self.line.waiters and self._hand_over(conn):
                 healthy = True
             else:
                 self._given_back(conn)
@@ -422,19 +366,6 @@ class PoolRuntime:
                 ex,
                 self.pool.get_stats(),
             )
-
-
-class _Expiry:
-    """Ends one wait for a hand-over at its deadline (a `Clock` item)."""
-
-    __slots__ = ("waiter",)
-
-    def __init__(self, waiter: asyncio.Future[Any]) -> None:
-        self.waiter = waiter
-
-    def due(self) -> None:
-        if not self.waiter.done():
-            self.waiter.set_result(_TIMED_OUT)
 
 
 async def _alive(conn: GuardedConnection) -> bool:
