@@ -63,9 +63,9 @@ async def until(check: Any, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def multi_host(servers: Cluster) -> str:
+def multi_host(servers: Cluster, attrs: str) -> str:
     hosts = f"{servers.primary.socket_dir},{servers.replicas[0].socket_dir}"
-    return f"postgresql://postgres@/postgres?host={hosts}&target_session_attrs=any"
+    return f"postgresql://postgres@/postgres?host={hosts}&target_session_attrs={attrs}"
 
 
 async def test_a_writable_pool_refuses_to_open_on_a_standby() -> None:
@@ -79,14 +79,22 @@ async def test_a_writable_pool_refuses_to_open_on_a_standby() -> None:
             pass
 
 
-async def test_writes_come_back_after_promotion_never_through_the_standby(app_name: str) -> None:
+@pytest.mark.parametrize(
+    ("attrs", "writable"),
+    [("any", True), ("read-write", False)],
+    ids=["writable-pool", "libpq-read-write"],
+)
+async def test_writes_come_back_after_promotion_never_through_the_standby(
+    app_name: str, attrs: str, writable: bool
+) -> None:
+    """Either way the standby is refused, and /readyz names it as the cause."""
     with cluster(replicas=1) as servers:
         servers.primary.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
         servers.wait_replayed(servers.replicas[0])
         db = DBPool(
-            multi_host(servers),
+            multi_host(servers, attrs),
             name=app_name,
-            writable=True,
+            writable=writable,
             min_size=2,
             max_size=4,
             acquire_timeout=1,

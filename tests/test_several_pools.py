@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.responses import StreamingResponse
 from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
@@ -16,6 +17,7 @@ from fastapi_dbpool import (
     CancellationMiddleware,
     ConfigurationError,
     ConnectionDep,
+    ConnectionReleasedError,
     DBPool,
     PoolOpenError,
     deadline,
@@ -161,3 +163,49 @@ async def test_a_deadline_cuts_the_statements_of_every_pool_the_request_holds(
             assert states == ["idle"], name
         assert a.stats().cancelled_requests == b.stats().cancelled_requests == 1
         assert (await client.get("/names")).status_code == 200
+
+
+async def test_each_pools_connection_is_refused_after_its_request_ended(
+    database_url: str, app_name: str
+) -> None:
+    """The ownership check follows every pool a request used, not only the latest."""
+    a, b = two_pools(database_url, app_name)
+    kept: list[AsyncConnection[Any]] = []
+    app = FastAPI(lifespan=lifespan(a, b))
+    AConnection = Annotated[AsyncConnection[Any], Depends(a.get_connection)]
+    BConnection = Annotated[AsyncConnection[Any], Depends(b.get_connection)]
+
+    @app.get("/both")
+    async def both(conn_a: AConnection, conn_b: BConnection) -> None:
+        kept.extend([conn_a, conn_b])
+
+    async with app.router.lifespan_context(app), client_for(app) as client:
+        assert (await client.get("/both")).status_code == 200
+        for conn in kept:  # in the request's context, after it ended
+            with pytest.raises(ConnectionReleasedError):
+                await conn.execute("SELECT 1")
+
+
+async def test_a_pools_stream_transaction_commits_after_the_last_chunk(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    a, b = two_pools(database_url, app_name)
+    table = f"{app_name}_stream"
+    app = FastAPI(lifespan=lifespan(a, b))
+    BStream = Annotated[AsyncConnection[Any], Depends(b.get_stream_transaction)]
+
+    @app.get("/stream")
+    async def stream(tx: BStream) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            await tx.execute(f"INSERT INTO {table} VALUES (1)")
+            yield b"written"
+
+        return StreamingResponse(body())
+
+    server.query(f"CREATE TABLE {table} (x int)")
+    try:
+        async with app.router.lifespan_context(app), client_for(app) as client:
+            assert (await client.get("/stream")).text == "written"
+        assert server.query(f"SELECT count(*) FROM {table}") == [(1,)]
+    finally:
+        server.query(f"DROP TABLE {table}")
