@@ -66,3 +66,33 @@ def test_the_readme_testing_setup_passes_as_written(
     pytester.makepyfile(test_items=tests)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=2)
+
+
+def test_the_plugin_changes_from_env_only_where_it_is_loaded(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the README says: installed, it loads in every run; `-p no:fastapi_dbpool` off."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    pytester.makepyfile(
+        test_env="""
+import pytest
+from fastapi_dbpool import ConfigurationError, DBPool
+
+def test_from_env(pytestconfig):
+    loaded = pytestconfig.pluginmanager.has_plugin("fastapi_dbpool")
+    print("plugin loaded:", loaded)
+    if loaded:
+        assert "stopped" in repr(DBPool.from_env())
+    else:
+        with pytest.raises(ConfigurationError, match="DATABASE_URL is not set"):
+            DBPool.from_env()
+"""
+    )
+    loaded = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", timeout=120)
+    loaded.assert_outcomes(passed=1)
+    loaded.stdout.fnmatch_lines(["*plugin loaded: True*"])
+    off = pytester.runpytest_subprocess(
+        "-s", "-p", "no:cacheprovider", "-p", "no:fastapi_dbpool", timeout=120
+    )
+    off.assert_outcomes(passed=1)
+    off.stdout.fnmatch_lines(["*plugin loaded: False*"])
