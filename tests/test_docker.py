@@ -23,12 +23,21 @@ def test_every_copied_path_exists() -> None:
             assert (ROOT / source).exists(), source
 
 
-def test_it_runs_as_a_non_root_user_and_checks_readiness() -> None:
-    assert instructions("USER") == ["app"]
-    assert "useradd" in DOCKERFILE
+def test_it_runs_as_a_numeric_non_root_user_and_checks_liveness() -> None:
+    assert instructions("USER") == ["10001"]  # runAsNonRoot verifies a number, not a name
+    assert "useradd --create-home --uid 10001" in DOCKERFILE
     (healthcheck,) = instructions("HEALTHCHECK")
-    assert "/readyz" in healthcheck
+    assert "/livez" in healthcheck  # an outage of the database is not an unhealthy app
     assert instructions("EXPOSE") == ["8000"]
+
+
+def test_the_build_context_holds_only_what_it_copies() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[ignored.index("*") :][:1] == ["*"]  # everything out, then the COPY sources in
+    for args in instructions("COPY"):
+        *sources, _target = shlex.split(args)
+        for source in sources:
+            assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignored}, source
 
 
 def test_the_command_it_runs_builds_the_app_with_the_routes_it_probes(
@@ -37,6 +46,8 @@ def test_the_command_it_runs_builds_the_app_with_the_routes_it_probes(
     (cmd,) = instructions("CMD")
     assert '"--factory", "example_app.app:from_env"' in cmd
     assert '"--port", "8000"' in cmd
+    assert '"--proxy-headers"' in cmd
+    assert "FORWARDED_ALLOW_IPS=127.0.0.1" in DOCKERFILE
     monkeypatch.setenv("DATABASE_URL", database_url)
     app = from_env()  # builds without connecting: the lifespan opens the pool
     paths = set(app.openapi()["paths"])
