@@ -154,7 +154,23 @@ def replicas_from_env(environ: Mapping[str, str] = os.environ) -> list[DBPool]:
     return [DBPool(url, name=f"replica{i}", min_size=1) for i, url in enumerate(urls, 1)]
 
 
+#: The example's pool, unless ``DBPOOL_*`` variables say otherwise: room for a slow report
+#: and the requests around it, and a primary that must be writable.
+DEFAULTS: dict[str, tuple[str, Any]] = {
+    "DBPOOL_MIN_SIZE": ("min_size", 2),
+    "DBPOOL_MAX_SIZE": ("max_size", 10),
+    "DBPOOL_WRITABLE": ("writable", True),
+}
+
+
+def primary_from_env() -> DBPool:
+    """The primary's pool from ``DATABASE_URL`` and ``DBPOOL_*``, with the example's defaults
+    (under pytest, the plugin binds it to a test database: see "Testing your app")."""
+    unset = {key: value for var, (key, value) in DEFAULTS.items() if var not in os.environ}
+    return DBPool.from_env(None, **unset)
+
+
 def from_env() -> FastAPI:
     """The app on ``DATABASE_URL``, ``DATABASE_REPLICA_URLS`` and ``DBPOOL_*`` (for
     ``uvicorn --factory``, as in the Dockerfile)."""
-    return create_app(DBPool.from_env(min_size=1, writable=True), *replicas_from_env())
+    return create_app(primary_from_env(), *replicas_from_env())

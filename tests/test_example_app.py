@@ -2,12 +2,15 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from fastapi import FastAPI
@@ -100,3 +103,79 @@ def test_python_m_example_app_serves_and_stops_cleanly(
         out, _ = proc.communicate(timeout=20)
     assert f"listening on http://127.0.0.1:{port}" in out
     assert server.wait_until(lambda s: s == []) == []  # shutdown closed every connection
+
+
+def _postmasters() -> set[tuple[int, str]]:
+    """Embedded PostgreSQL servers running now: (pid, data directory)."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and "-D" in cmd:
+            found.add((proc.pid, cmd[cmd.index("-D") + 1]))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_its_embedded_postgresql_stops_with_it_whatever_the_signal(signum: int) -> None:
+    """Closing the terminal (SIGHUP) left the embedded PostgreSQL running, orphaned."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PORT"] = str(port)
+    before = _postmasters()
+    started: set[tuple[int, str]] = set()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "example_app"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "example app did not start in 60s"
+            time.sleep(0.2)
+        started = _postmasters() - before
+        assert len(started) == 1  # its own embedded server
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        left = [pid for pid, _ in started if _alive(pid)]
+        for pid in left:  # the failure this guards against: stop it by its PID
+            os.kill(pid, signal.SIGINT)
+    assert not left, "the embedded PostgreSQL outlived the app"
+    ((_, pgdata),) = started
+    assert not Path(pgdata).exists()  # and its data deleted
+    assert proc.returncode == 0, out[-2000:]
+    assert len(out.splitlines()) < 40, out  # no initdb chatter
+
+
+def test_a_taken_port_is_said_at_once_with_the_fix() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        env["PORT"] = str(port)
+        done = subprocess.run(
+            [sys.executable, "-m", "example_app"], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "set PORT to a free port" in done.stderr
+    assert "listening on" not in done.stdout
+    assert "embedded PostgreSQL" not in done.stdout  # nothing started before the bind
