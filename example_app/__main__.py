@@ -5,6 +5,7 @@ Uses ``DATABASE_URL`` when it is set; otherwise starts a throwaway embedded Post
 ``PORT`` changes the port; ``DATABASE_REPLICA_URLS`` adds read replicas.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -50,10 +51,8 @@ def main() -> None:
         app = create_app(primary_from_env(), *replicas_from_env())
         print(f"example_app: listening on http://{host}:{port} (try /items, /docs)", flush=True)
         config = uvicorn.Config(app, log_level="info")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C at the end
             uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
-            pass
 
 
 if __name__ == "__main__":
