@@ -114,6 +114,18 @@ async def serve(app: FastAPI, db: DBPool) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's own lifespan (however many pools it opens) and an in-process client;
+    the app's exceptions become 500s, as a server would answer."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        yield client
+
+
 @pytest.fixture(scope="session")
 def dbpool_server_url(database_url: str) -> str:
     """The plugin's test databases go on the suite's server (no second embedded one)."""

@@ -5,11 +5,8 @@ back once a replica is promoted (``pg_promote()``)."""
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI, Request
@@ -18,6 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi_dbpool import DBPool, PoolOpenError, health_router
 
 from ._replication import Cluster, cluster
+from .conftest import running
 
 pytestmark = pytest.mark.anyio
 
@@ -42,16 +40,6 @@ def writer_app(db: DBPool) -> tuple[FastAPI, Counter[str]]:
         return str((row or ("",))[0])
 
     return app, errors
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-    ):
-        yield client
 
 
 async def until(check: Any, timeout: float) -> float:

@@ -7,11 +7,9 @@ each answer says which server ran it (its socket directory) and whether it was a
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi import Depends, FastAPI, Request
@@ -21,6 +19,7 @@ from psycopg import AsyncConnection
 from fastapi_dbpool import DBPool, ReadReplicas, health_router
 
 from ._replication import Cluster, cluster
+from .conftest import running
 
 pytestmark = pytest.mark.anyio
 
@@ -76,16 +75,6 @@ def reader_app(servers: Cluster, app_name: str, **kwargs: Any) -> tuple[FastAPI,
         return int((await cur.fetchone() or (0,))[0])
 
     return app, reader
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-    ):
-        yield client
 
 
 def sockets(servers: Cluster) -> tuple[str, list[str]]:
