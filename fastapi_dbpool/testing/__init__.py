@@ -1,7 +1,7 @@
 """Helpers for testing apps built on fastapi_dbpool against a real PostgreSQL.
 
 The pytest plugin (`fastapi_dbpool.testing._plugin`, registered as ``fastapi_dbpool``)
-builds on these; see the README, "Testing your app".
+builds on these; see the docs, "Testing your app" (docs/testing.md).
 """
 
 from ..errors import IsolationError

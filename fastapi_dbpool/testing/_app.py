@@ -37,7 +37,7 @@ class AppHarness:
     Every `DBPool` the app opens while starting connects to `database_url` instead of its
     own; with `isolate` (the default) each pins one connection inside a transaction that is
     rolled back by `stop`, so nothing the test writes outlives it (see `fastapi_dbpool`'s
-    README, "Testing your app"). `client()` is an ``httpx.AsyncClient`` on the app that
+    docs, "Testing your app"). `client()` is an ``httpx.AsyncClient`` on the app that
     starts it on first use. The app runs on the loop that started it, and using it from
     another loop raises `WrongEventLoopError` at once instead of hanging.
     """

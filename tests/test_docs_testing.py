@@ -1,6 +1,6 @@
-"""The README's "Testing your app" section, run the way a user runs it.
+"""The docs' "Testing your app" page (docs/testing.md), run the way a user runs it.
 
-Its code blocks, read from README.md itself, become a project's conftest.py and test
+Its code blocks, read from the page itself, become a project's conftest.py and test
 module beside a small app whose module-level ``DBPool.from_env()`` runs at import, with
 ``DATABASE_URL`` unset; pytest runs in a subprocess, so the plugin loads as it does for a
 user (an in-process run inside this configured session hid that the conftest failed at
@@ -16,7 +16,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).parent.parent / "README.md"
+PAGE = Path(__file__).parent.parent / "docs" / "testing.md"
 
 MAIN = """
 from fastapi import FastAPI
@@ -44,17 +44,14 @@ async def items(conn: ConnectionDep):
 """
 
 
-def readme_blocks(section: str) -> list[str]:
-    text = README.read_text()
-    start = text.index(f"\n## {section}\n")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
+def page_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.DOTALL)
 
 
 def test_the_readme_testing_setup_passes_as_written(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conftest, tests = readme_blocks("Testing your app")
+    conftest, tests = page_blocks()
     assert "from myproject.main import app as my_app" in conftest
     monkeypatch.delenv("DATABASE_URL", raising=False)
     pytester.mkpydir("myproject")
@@ -71,7 +68,7 @@ def test_the_readme_testing_setup_passes_as_written(
 def test_the_plugin_changes_from_env_only_where_it_is_loaded(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As the README says: installed, it loads in every run; `-p no:fastapi_dbpool` off."""
+    """As the docs say: installed, it loads in every run; `-p no:fastapi_dbpool` turns it off."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     pytester.makepyfile(
         test_env="""
