@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import IO
 
 import psycopg
@@ -252,16 +255,38 @@ def cli(
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
+    add_write_option(parser)
     args = parser.parse_args()
     with database_url() as url, (more or _none)(url) as extra:
         prepare(url)
-        print(
-            compare(
-                url,
-                [*contenders, *extra],
-                paths,
-                rounds=args.rounds,
-                seconds=args.seconds,
-                connections=args.connections,
-            )
+        table = compare(
+            url,
+            [*contenders, *extra],
+            paths,
+            rounds=args.rounds,
+            seconds=args.seconds,
+            connections=args.connections,
         )
+    print(table)
+    write(args.write, table)
+
+
+def add_write_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--write",
+        metavar="FILE",
+        help="also write the table to FILE, with the command and date that made it "
+        "(the docs include docs/benchmarks/*.md as written)",
+    )
+
+
+def write(path: str | None, table: str) -> None:
+    """`table` to `path` (if given) as Markdown, saying which command made it, and when."""
+    if path is None:
+        return
+    argv = sys.argv[1:]
+    at = argv.index("--write") if "--write" in argv else None
+    shown = argv if at is None else argv[:at] + argv[at + 2 :]
+    command = shlex.join(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *shown])
+    day = datetime.date.today().isoformat()
+    Path(path).write_text(f"Made by `{command}` on {day}:\n\n{table}\n")

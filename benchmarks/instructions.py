@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import contenders, middleware_overhead
-from ._runner import prepare, served
+from ._runner import add_write_option, prepare, served, write
 
 SETS = {"middleware": middleware_overhead.CONTENDERS, "contenders": contenders.CONTENDERS}
 PATHS = {"middleware": ["/select/42", "/nodb"], "contenders": ["/select/42", "/tx/42", "/nodb"]}
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--set", choices=sorted(SETS), default="middleware")
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    add_write_option(parser)
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
@@ -109,16 +110,21 @@ def main() -> None:
             for name, factory in chosen
         }
     first = chosen[0][0]
-    print(
+    lines = [
         f"callgrind under uvicorn (1 worker, httptools), {args.requests} requests per endpoint, "
         f"{args.connections} at a time; ratio = {first}'s instructions per request / the "
-        "contender's"
-    )
-    print("\n| endpoint | contender | instructions/request | ratio |\n|---|---|---:|---:|")
+        "contender's",
+        "",
+        "| endpoint | contender | instructions/request | ratio |",
+        "|---|---|---:|---:|",
+    ]
     for path in paths:
         for name, _ in chosen:
             ratio = counts[first][path] / counts[name][path]
-            print(f"| {path} | {name} | {counts[name][path]:,.0f} | {ratio:.2f}x |")
+            lines.append(f"| {path} | {name} | {counts[name][path]:,.0f} | {ratio:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    write(args.write, table)
 
 
 if __name__ == "__main__":
