@@ -38,11 +38,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastapi_dbpool")
 
 #: Seconds the replica is behind: 0 when it has replayed all it received (an idle
-#: primary sends nothing, so the last replay's age would grow with no lag at all);
-#: NULL when it is not a standby any more (promoted: it no longer follows the primary).
+#: primary sends nothing, so the last replay's age would grow with no lag at all; after
+#: a restart the receive position starts at its segment's beginning, behind the replay
+#: position, hence <=); NULL when it is not a standby any more (promoted: it no longer
+#: follows the primary).
 _LAG = """
 SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
-            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
             ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)
        END
 """

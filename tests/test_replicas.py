@@ -221,3 +221,21 @@ async def test_lag_and_each_pool_in_one_prometheus_collector(
     assert text.count("# HELP fastapi_dbpool_pool_connections ") == 1
     for name in ("p", "r1", "r2"):
         assert f'fastapi_dbpool_pool_connections{{pool="{app_name}_{name}"}} 1.0' in text
+
+
+async def test_a_restarted_replica_of_an_idle_primary_reads_as_caught_up(
+    servers: Cluster, app_name: str
+) -> None:
+    """After a restart a standby's receive position starts at its WAL segment's beginning,
+    behind its replay position: measured as 'received != replayed', it looked lagging by
+    the age of its last transaction, growing for as long as the primary stayed idle."""
+    app, reader = reader_app(servers, app_name)
+    node = servers.replicas[1]
+    async with running(app):
+        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(node.start)
+        await asyncio.to_thread(node.wait_streaming)
+        deadline = time.monotonic() + 5
+        while reader.lag()[f"{app_name}_r2"] != 0.0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert reader.lag()[f"{app_name}_r2"] == 0.0
