@@ -91,15 +91,14 @@ class ReadReplicas:
                 "ReadReplicas(primary, replica, ...) takes a primary DBPool and any number "
                 "of replica DBPools, each with its own name=."
             )
-        lifespan(*pools)  # refuses two pools of one name, now rather than at startup
+        self._open_all = lifespan(*pools)  # refuses two pools of one name, now
         self.primary = primary
         self.replicas = replicas
         self.max_replica_lag = positive_seconds("max_replica_lag", max_replica_lag)
         self.check_interval = positive_seconds("check_interval", check_interval)
-        self._lags: dict[str, float | None] = {db.name: None for db in replicas}
         self._turn = itertools.count()
         self._find_primary = Finder(primary.name)
-        self._find = {db.name: Finder(db.name) for db in replicas}
+        self._find = [Finder(db.name) for db in replicas]
         read_dep = Annotated[AsyncConnection[Any], Depends(self._read, scope="function")]
 
         async def get_read_transaction(conn: AsyncConnection[Any]) -> AsyncConnection[Any]:
@@ -115,12 +114,15 @@ class ReadReplicas:
 
     def lag(self) -> dict[str, float | None]:
         """Each replica's last measured lag in seconds; None: unreachable or not a standby."""
-        return dict(self._lags)
+        return {
+            db.name: None if db._runtime is None else db._runtime.replica_lag
+            for db in self.replicas
+        }
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
         """Open the primary and the replicas, measure the lag while the app runs."""
-        async with lifespan(self.primary, *self.replicas)(app) as state:
+        async with self._open_all(app) as state:
             pools = pools_of(app)
             pools.optional.update(db.name for db in self.replicas)
             monitor = None
@@ -159,35 +161,34 @@ class ReadReplicas:
                 lag = None if row is None or row[0] is None else float(row[0])
             except (DBPoolError, psycopg.Error) as ex:
                 logger.debug("replica %r: lag not measured: %r", name, ex)
-        was = self._lags.get(name)
-        self._lags[name] = lag
-        if runtime is not None:
-            runtime.replica_lag = lag
-        if (lag is None) != (was is None):
+        if runtime is None:
+            return
+        if (lag is None) != (runtime.replica_lag is None):
             logger.info("replica %r is %s", name, "unreachable" if lag is None else "back")
+        runtime.replica_lag = lag
 
     def _fit(self, connection: HTTPConnection) -> list[PoolRuntime]:
         fit = []
-        for name, lag in self._lags.items():
-            if lag is None or lag > self.max_replica_lag:
-                continue
+        for find in self._find:
             try:
-                runtime = self._find[name](connection)
+                runtime = find(connection)
             except DBPoolError:
+                continue
+            lag = runtime.replica_lag
+            if lag is None or lag > self.max_replica_lag:
                 continue
             if runtime.connect_log.current is None:  # new connections do not fail
                 fit.append(runtime)
         return fit
 
     def _left_out(self, runtime: PoolRuntime, why: BaseException) -> None:
-        name = runtime.pool.name
-        if self._lags.get(name) is not None:
+        if runtime.replica_lag is not None:
             logger.warning(
                 "replica %r left out of reads until its next lag check: %s. hint: is it up?",
-                name,
+                runtime.pool.name,
                 why,
             )
-            self._lags[name] = None
+            runtime.replica_lag = None
 
     async def _read(self, connection: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
         primary = self._find_primary(connection)

@@ -82,7 +82,8 @@ class PoolRuntime:
         self._last_exhaustion_log = 0.0
         self.watchdog: LoopWatchdog | None = None
         self.counters = Counters()
-        self.replica_lag: float | None = None  # seconds, as last measured by ReadReplicas
+        # seconds, as ReadReplicas last measured it; None: unknown, or left out of reads
+        self.replica_lag: float | None = None
         self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
         self.loop_hint = ""  # how a test started the app, for WrongEventLoopError
         # Hand-over (see _hand_over): off with a user's reset (psycopg_pool must see every
