@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from . import _dsn, _failover
-from ._registry import find_pools
+from ._registry import Pools, find_pools
 from ._state import PoolRuntime
 from .errors import DBPoolError
 
@@ -28,7 +28,8 @@ def health_router(*, probe_timeout: float = 1.0, prefix: str = "") -> APIRouter:
     ``app.include_router(health_router())``. Liveness answers 200 without touching the
     database: if the loop can answer, the process is alive. Readiness answers 200 when
     every pool of the app is running, a connection can be had within `probe_timeout`
-    seconds and ``SELECT 1`` answers (the pools probed at once); otherwise 503 with the
+    seconds and ``SELECT 1`` answers (for a ``writable`` pool, ``SHOW transaction_read_only``
+    answers off), the pools probed at once; otherwise 503 with the
     reason, naming the pool when there are several. Both bodies carry the figures (size,
     available, waiting, errors) of the first pool under ``pool`` and of each under
     ``pools``, never the connection string. A read replica of `ReadReplicas` that fails
@@ -41,13 +42,13 @@ def health_router(*, probe_timeout: float = 1.0, prefix: str = "") -> APIRouter:
 
     @router.get("/livez", summary="Liveness: the process and its event loop answer")
     async def livez(request: Request) -> dict[str, Any]:
-        runtimes = _runtimes(request)
+        runtimes = _runtimes(find_pools(request.scope))
         return {"status": "alive", **_all_figures(runtimes)}
 
     @router.get("/readyz", summary="Readiness: every pool can serve a query now")
     async def readyz(request: Request) -> JSONResponse:
-        runtimes = _runtimes(request)
         pools = find_pools(request.scope)
+        runtimes = _runtimes(pools)
         optional = pools.optional if pools is not None else set()
         reasons: dict[str, str] = {}
         degraded: dict[str, str] = {}
@@ -71,9 +72,8 @@ def health_router(*, probe_timeout: float = 1.0, prefix: str = "") -> APIRouter:
     return router
 
 
-def _runtimes(request: Request) -> dict[str, PoolRuntime]:
+def _runtimes(pools: Pools | None) -> dict[str, PoolRuntime]:
     """The app's running pools on this loop, by name."""
-    pools = find_pools(request.scope)
     if pools is None:
         return {}
     found = {}
@@ -105,10 +105,11 @@ async def _unready_reason(runtime: PoolRuntime, timeout: float) -> str | None:
     try:
         async with runtime.lease(timeout, for_request=False) as lease:
             try:
-                if runtime.settings.writable and await _failover.is_read_only(lease.conn):
+                if not runtime.settings.writable:
+                    await lease.conn.execute("SELECT 1")
+                elif await _failover.is_read_only(lease.conn):  # its answer is the round trip
                     _failover.replace_all(runtime.pool, "the readiness probe found it read-only")
                     return _failover.READ_ONLY
-                await lease.conn.execute("SELECT 1")
             except psycopg.Error as ex:
                 return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
     except DBPoolError:
