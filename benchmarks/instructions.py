@@ -1,16 +1,22 @@
-"""Instructions per request under real uvicorn, counted by callgrind: a cost that noise cannot move.
+"""Instructions per request under real uvicorn, counted by callgrind: a cost that load barely moves.
 
     python -m benchmarks.instructions [--set middleware|contenders] [--requests 1500]
-        [--connections 4]
+        [--connections 4] [--rounds 3]
 
 req/s on two shared cores moves by 10% from one run to the next, more than the differences
 worth knowing. Here each contender runs under uvicorn inside valgrind's callgrind (Debian's
 ``valgrind``), which counts the CPU instructions the server executes: after a warm-up, the
 count is switched on, exactly `--requests` requests are sent (from a separate process,
 `--connections` at a time), and the count is read. The same code on the same inputs gives
-the same count, whatever else the machine is doing. Instructions are not time (a cache
-miss costs more than an add), so this complements the req/s tables, it does not replace
-them. With the server 50x slower under valgrind, 4 at a time seldom wait for the pool (the
+nearly the same count, whatever else the machine is doing: nearly, because how many
+requests one turn of the loop serves, and how often a read must wait for the server,
+depend on timing. Measured here, the same code's count drifted by up to 2% over tens of
+minutes while two versions run back to back kept their difference. So contenders run in
+`--rounds` interleaved rounds and the table gives each one's median, its spread, and ratios
+of medians. Instructions are not time (a cache miss costs more than an add), so this
+complements the req/s tables, it does not replace them.
+
+With the server 50x slower under valgrind, 4 at a time seldom wait for the pool (the
 uncontended path); 32 at a time nearly all do, but then requests last long enough for
 CancellationMiddleware to start watching for disconnects, which at real speed it seldom
 does.
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,30 +105,38 @@ def main() -> None:
     parser.add_argument("--set", choices=sorted(SETS), default="middleware")
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--rounds", type=int, default=3)
     add_write_option(parser)
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
     chosen, paths = SETS[args.set], PATHS[args.set]
+    runs: dict[str, dict[str, list[float]]] = {name: {p: [] for p in paths} for name, _ in chosen}
     with database_url() as url:
         prepare(url)
-        counts = {
-            name: count(factory, url, paths, args.requests, args.connections)
-            for name, factory in chosen
-        }
+        for _ in range(args.rounds):
+            for name, factory in chosen:
+                for path, n in count(factory, url, paths, args.requests, args.connections).items():
+                    runs[name][path].append(n)
+    median = {name: {p: statistics.median(ns) for p, ns in by.items()} for name, by in runs.items()}
     first = chosen[0][0]
     lines = [
         f"callgrind under uvicorn (1 worker, httptools), {args.requests} requests per endpoint, "
-        f"{args.connections} at a time; ratio = {first}'s instructions per request / the "
-        "contender's",
+        f"{args.connections} at a time, {args.rounds} interleaved rounds; instructions per "
+        f"request: the median, and the lowest to the highest round; ratio = {first}'s median "
+        "/ the contender's",
         "",
-        "| endpoint | contender | instructions/request | ratio |",
-        "|---|---|---:|---:|",
+        "| endpoint | contender | instructions/request | rounds | ratio |",
+        "|---|---|---:|---:|---:|",
     ]
     for path in paths:
         for name, _ in chosen:
-            ratio = counts[first][path] / counts[name][path]
-            lines.append(f"| {path} | {name} | {counts[name][path]:,.0f} | {ratio:.2f}x |")
+            ns = runs[name][path]
+            ratio = median[first][path] / median[name][path]
+            lines.append(
+                f"| {path} | {name} | {median[name][path]:,.0f} | {min(ns):,.0f} to "
+                f"{max(ns):,.0f} | {ratio:.2f}x |"
+            )
     table = "\n".join(lines)
     print(table)
     write(args.write, table)
