@@ -21,7 +21,7 @@ from ._dependencies import (
 )
 from ._health import health_router
 from ._lifespan import DBPool, lifespan
-from ._metrics import PoolStats
+from ._metrics import Holder, PoolStats, RouteStats
 from ._middleware import CancellationMiddleware
 from ._replicas import ReadReplicas
 from .errors import (
@@ -48,12 +48,14 @@ __all__ = [
     "DBPool",
     "DBPoolError",
     "DeadlineExceededError",
+    "Holder",
     "PasswordFile",
     "PoolExhaustedError",
     "PoolNotRunningError",
     "PoolOpenError",
     "PoolStats",
     "ReadReplicas",
+    "RouteStats",
     "SessionStateError",
     "StreamTransactionDep",
     "TransactionDep",

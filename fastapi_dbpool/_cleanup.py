@@ -23,6 +23,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from . import _pool_internals, _wait
+from ._log import error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
 RV = TypeVar("RV")
@@ -81,6 +82,7 @@ async def cancel_running_query(
                 type(ex).__name__,
                 ex,
                 _HINT_SLOW,
+                extra=fields("cancel_failed", error=error(ex)),
             )
             close_now(conn)
     if scope.cancelled_caught:
@@ -89,6 +91,7 @@ async def cancel_running_query(
             "connection. %s",
             timeout,
             _HINT_SLOW,
+            extra=fields("cancel_slow", timeout_seconds=timeout),
         )
         close_now(conn)
 
@@ -112,7 +115,11 @@ async def _repeating_cancel(conn: AsyncConnection[Any], timeout: float) -> Async
             try:
                 await conn.cancel_safe(timeout=timeout)
             except Exception as ex:
-                logger.debug("repeating a cancel request failed: %r", ex)
+                logger.debug(
+                    "repeating a cancel request failed: %r",
+                    ex,
+                    extra=fields("recancel_failed", error=error(ex)),
+                )
                 return
             delay = min(delay * 2, _RECANCEL_MAX)
 
@@ -135,10 +142,16 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
                 type(ex).__name__,
                 ex,
                 HINT_BROKEN,
+                extra=fields("rollback_failed", error=error(ex)),
             )
             close_now(tx.connection)
     if scope.cancelled_caught:
-        logger.warning("rollback took over %.1fs; closing the connection. %s", timeout, _HINT_SLOW)
+        logger.warning(
+            "rollback took over %.1fs; closing the connection. %s",
+            timeout,
+            _HINT_SLOW,
+            extra=fields("rollback_slow", timeout_seconds=timeout),
+        )
         close_now(tx.connection)
 
 
@@ -217,10 +230,14 @@ async def give_back(
                 type(ex).__name__,
                 ex,
                 HINT_BROKEN,
+                extra=fields("reset_failed", pool.name, error=error(ex)),
             )
     if scope.cancelled_caught:
         logger.warning(
-            "resetting a returned connection took over %.1fs; closing it. %s", timeout, _HINT_SLOW
+            "resetting a returned connection took over %.1fs; closing it. %s",
+            timeout,
+            _HINT_SLOW,
+            extra=fields("reset_slow", pool.name, timeout_seconds=timeout),
         )
     if not healthy:
         close_now(conn)
@@ -228,7 +245,10 @@ async def give_back(
         await _putconn(pool, conn)
     if scope.cancelled_caught:
         logger.warning(
-            "returning a connection to the pool took over %.1fs. %s", timeout, _HINT_SLOW
+            "returning a connection to the pool took over %.1fs. %s",
+            timeout,
+            _HINT_SLOW,
+            extra=fields("return_slow", pool.name, timeout_seconds=timeout),
         )
     return healthy
 
@@ -244,6 +264,7 @@ async def _putconn(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -
             type(ex).__name__,
             ex,
             HINT_BROKEN,
+            extra=fields("return_failed", pool.name, error=error(ex)),
         )
         close_now(conn)
         return False
@@ -270,6 +291,7 @@ async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
                     type(ex).__name__,
                     ex,
                     _HINT_SLOW,
+                    extra=fields("server_cancel_failed", error=error(ex)),
                 )
     finally:
         done.set()
@@ -303,4 +325,5 @@ async def close_pool(pool: AsyncConnectionPool[Any], timeout: float) -> None:
             "queries and jobs before shutdown",
             pool.name,
             timeout + 1.0,
+            extra=fields("close_slow", pool.name, timeout_seconds=timeout + 1.0),
         )

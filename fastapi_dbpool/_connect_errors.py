@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from psycopg import AsyncConnection
 
 from . import _dsn
+from ._metrics import Histogram, Observer
 
 #: cause -> substrings of libpq's or PostgreSQL's message that identify it (lower case)
 _CAUSES = (
@@ -80,9 +81,12 @@ class ConnectFailure:
 
 
 class ConnectLog:
-    """The connection failures of one pool: the last one while it lasts, counts by cause."""
+    """The connection attempts of one pool: the last failure while it lasts, failures by
+    cause, and how long each connection took to open."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: str, observers: list[Observer]) -> None:
+        self.pool = pool
+        self.observers = observers  # the DBPool's (see _metrics)
         self.reset()
 
     def reset(self) -> None:
@@ -90,6 +94,7 @@ class ConnectLog:
         self.last: ConnectFailure | None = None
         self.failing = False
         self.by_cause: dict[str, int] = {}
+        self.created = Histogram()
 
     def failed(self, ex: BaseException) -> None:
         message = _dsn.scrub(str(ex).strip()) or type(ex).__name__
@@ -98,8 +103,11 @@ class ConnectLog:
         self.failing = True
         self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
 
-    def succeeded(self) -> None:
+    def succeeded(self, seconds: float) -> None:
         self.failing = False
+        self.created.add(seconds)
+        for observer in self.observers:
+            observer.created(self.pool, seconds)
 
     @property
     def current(self) -> ConnectFailure | None:
@@ -116,6 +124,7 @@ class RecordingConnect:
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        started = time.monotonic()
         try:
             conn = await super().connect(conninfo, **kwargs)  # type: ignore[misc]
             if cls._dbpool_on_connect is not None:
@@ -123,7 +132,7 @@ class RecordingConnect:
         except Exception as ex:
             cls._dbpool_connect_log.failed(ex)
             raise
-        cls._dbpool_connect_log.succeeded()
+        cls._dbpool_connect_log.succeeded(time.monotonic() - started)
         return conn
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,8 +55,10 @@ class Lease:
         "conn",
         "control",
         "previous",
+        "route",
         "runtime",
         "shared",
+        "since",
         "state",
         "stream",
         "task",
@@ -70,8 +73,11 @@ class Lease:
         control: RequestControl | None = None,
         stream: bool = False,
         runtime: PoolRuntime | None = None,
+        route: str | None = None,
     ):
         self.runtime = runtime  # the pool it came from
+        self.route = route  # the FastAPI route template it was checked out for, if any
+        self.since = time.monotonic()  # when it was handed out
         self.previous: Lease | None = None  # the request's lease of another pool, if any
         self.conn = conn
         self.task = task

@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 
 from ._cleanup import roll_back
 from ._connection import Lease, held_lease
+from ._metrics import route_of
 from ._pooler import bound_transaction
 from ._registry import runtime_of
 from ._transaction import begin, commit, transaction
@@ -38,7 +39,7 @@ class PoolDependencies:
             if held is not None:  # TransactionDep of this request checked it out: share it
                 yield held.conn
                 return
-            lease = await runtime.acquire(for_request=True)
+            lease = await runtime.acquire(for_request=True, route=route_of(connection.scope))
             try:
                 yield lease.conn
             except BaseException as exc:
@@ -54,7 +55,7 @@ class PoolDependencies:
             lease = held_lease(runtime)  # ConnectionDep of this request checked it out: share
             ours = lease is None
             if lease is None:
-                lease = await runtime.acquire(for_request=True)
+                lease = await runtime.acquire(for_request=True, route=route_of(connection.scope))
             try:
                 tx = await begin(lease.conn)
                 try:
@@ -95,7 +96,9 @@ class PoolDependencies:
             return conn
 
         async def stream_checkout(connection: HTTPConnection) -> AsyncIterator[Lease]:
-            async with find(connection).lease(for_request=True, stream=True) as lease:
+            async with find(connection).lease(
+                for_request=True, stream=True, route=route_of(connection.scope)
+            ) as lease:
                 yield lease
 
         async def get_stream_transaction(lease: Lease) -> AsyncIterator[AsyncConnection[Any]]:

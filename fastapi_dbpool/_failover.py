@@ -22,6 +22,7 @@ from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool
 
 from ._connection import run_own
+from ._log import error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
 
@@ -67,6 +68,7 @@ def replace_all(pool: AsyncConnectionPool[Any], why: str) -> None:
         "primary failed over, or the URL points at a standby",
         pool.name,
         why,
+        extra=fields("read_only_drain", pool.name, reason=str(why)),
     )
     _draining.add(pool)
 
@@ -74,7 +76,12 @@ def replace_all(pool: AsyncConnectionPool[Any], why: str) -> None:
         try:
             await drain()
         except Exception as ex:  # a closing pool: nothing left to replace
-            logger.debug("pool %r: drain after a read-only error failed: %r", pool.name, ex)
+            logger.debug(
+                "pool %r: drain after a read-only error failed: %r",
+                pool.name,
+                ex,
+                extra=fields("read_only_drain_failed", pool.name, error=error(ex)),
+            )
         finally:
             _draining.discard(pool)
 

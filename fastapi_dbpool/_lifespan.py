@@ -20,7 +20,8 @@ from . import _cleanup, _config, _credentials, _dsn, _env, _pinned, _pooler
 from ._connect_errors import ConnectLog
 from ._connection import CLEANUP_TIMEOUT, check_connects_as
 from ._dependencies import PoolDependencies
-from ._metrics import PoolStats, snapshot
+from ._log import fields
+from ._metrics import Observer, PoolStats, snapshot
 from ._pinned import Pinned, binding
 from ._pool_internals import can_return_now, release_idle_promptly
 from ._preflight import preflight
@@ -130,7 +131,9 @@ class DBPool:
             else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
         )
         self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
-        self._connect_log = ConnectLog()
+        #: told each wait, hold and connection time as it is counted (fastapi_dbpool.otel)
+        self._observers: list[Observer] = []
+        self._connect_log = ConnectLog(self.name, self._observers)
         self._pool_kwargs = _config.pool_kwargs(
             self.name,
             pool_kwargs,
@@ -209,6 +212,7 @@ class DBPool:
             self.name,
             runtime.pool_stats(),
             runtime.counters,
+            runtime.leases,
             runtime.watchdog,
             runtime.connect_log,
             runtime.replica_lag,
@@ -292,7 +296,7 @@ class DBPool:
                     # psycopg's connect() can swallow a task.cancel() and return a connection
                     raise asyncio.CancelledError()
                 release_idle_promptly(pool)
-                runtime = PoolRuntime(pool, self._settings, self._connect_log)
+                runtime = PoolRuntime(pool, self._settings, self._connect_log, self._observers)
                 ours = self._pool_kwargs["reset"] is _config.keep_as_is
                 runtime.direct_return = ours and can_return_now(pool)
                 no_check = self._pool_kwargs.get("check") is None
@@ -312,7 +316,13 @@ class DBPool:
         except BaseException:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             raise
-        logger.info("pool %r open on %s (%s)", pool.name, target, pool.get_stats())
+        logger.info(
+            "pool %r open on %s (%s)",
+            pool.name,
+            target,
+            pool.get_stats(),
+            extra=fields("pool_open", pool.name, target=target, stats=pool.get_stats()),
+        )
         return runtime
 
     async def _close(self, runtime: PoolRuntime) -> None:
@@ -325,6 +335,7 @@ class DBPool:
                 "it, or cancel it before shutdown",
                 runtime.pool.name,
                 lease,
+                extra=fields("checked_out_at_shutdown", runtime.pool.name, lease=repr(lease)),
             )
             await _cleanup.cancel_and_close(lease.conn, self._settings.release_timeout)
         if runtime.pinned is not None:
@@ -332,7 +343,9 @@ class DBPool:
         await _cleanup.close_pool(runtime.pool, self._settings.close_timeout)
         for conn in list(runtime.returned):  # returns psycopg_pool dropped without closing
             _cleanup.close_now(conn)
-        logger.info("pool %r closed", runtime.pool.name)
+        logger.info(
+            "pool %r closed", runtime.pool.name, extra=fields("pool_closed", runtime.pool.name)
+        )
 
     @asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:

@@ -24,6 +24,7 @@ from psycopg_pool import PoolTimeout
 from . import _cleanup
 from ._connection import GuardedConnection, request_lease
 from ._deadline import UNKNOWN_TIMEOUT
+from ._log import error, fields
 
 if TYPE_CHECKING:
     from ._state import PoolRuntime
@@ -151,6 +152,7 @@ class Pinned:
             "server went away",
             self.pool_name,
             why,
+            extra=fields("pinned_connection_broken", self.pool_name, reason=str(why)),
         )
         _cleanup.close_now(self.conn)
 
@@ -168,6 +170,7 @@ class Pinned:
                         "connection, so that PostgreSQL rolls it back. %s",
                         ex,
                         _cleanup.HINT_BROKEN,
+                        extra=fields("pinned_rollback_failed", runtime.pool.name, error=error(ex)),
                     )
                     _cleanup.close_now(conn)
         conn._dbpool_timeout_ms = UNKNOWN_TIMEOUT

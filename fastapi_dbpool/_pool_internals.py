@@ -24,6 +24,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from ._log import fields
+
 logger = logging.getLogger("fastapi_dbpool")
 
 
@@ -127,6 +129,9 @@ def release_idle_promptly(pool: AsyncConnectionPool[Any]) -> bool:
                 surplus,
                 pool.max_idle,
                 pool._nconns,
+                extra=fields(
+                    "idle_connections_closed", pool.name, closed=surplus, kept=pool._nconns
+                ),
             )
         for conn in to_close:
             await pool._close_connection(conn)

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _config, _credentials, _dsn, _failover, _pooler
 from ._connection import run_own
+from ._log import fields
 from ._state import Settings
 from .errors import PoolOpenError
 
@@ -81,6 +82,7 @@ async def preflight(
                 "DBPool(transaction_pooler=True) or DBPOOL_TRANSACTION_POOLER=1; if it "
                 "pools by session, transaction_pooler=False silences this.",
                 pool.name,
+                extra=fields("pooler_detected", pool.name),
             )
         if not pooled:  # behind a pooler, the pooler's own pool size is the bound
             await _check_capacity(conn, pool, os.environ if environ is None else environ)
@@ -125,5 +127,6 @@ async def _check_capacity(
                 why,
                 max(limit // n, 0),
                 n,
+                extra=fields("capacity_exceeded", pool.name, limit=limit, workers=n),
             )
             return

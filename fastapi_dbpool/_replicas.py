@@ -27,6 +27,8 @@ from ._cleanup import roll_back
 from ._connection import held_lease, request_lease_of, run_own
 from ._env import positive_seconds
 from ._lifespan import DBPool, lifespan
+from ._log import error, fields
+from ._metrics import route_of
 from ._pooler import bound_transaction
 from ._registry import Finder, pools_of
 from ._transaction import begin
@@ -160,11 +162,21 @@ class ReadReplicas:
                     row = await (await run_own(lease.conn, _LAG)).fetchone()
                 lag = None if row is None or row[0] is None else float(row[0])
             except (DBPoolError, psycopg.Error) as ex:
-                logger.debug("replica %r: lag not measured: %r", name, ex)
+                logger.debug(
+                    "replica %r: lag not measured: %r",
+                    name,
+                    ex,
+                    extra=fields("replica_lag_unmeasured", name, error=error(ex)),
+                )
         if runtime is None:
             return
         if (lag is None) != (runtime.replica_lag is None):
-            logger.info("replica %r is %s", name, "unreachable" if lag is None else "back")
+            logger.info(
+                "replica %r is %s",
+                name,
+                "unreachable" if lag is None else "back",
+                extra=fields("replica_back" if lag is not None else "replica_unreachable", name),
+            )
         runtime.replica_lag = lag
 
     def _fit(self, connection: HTTPConnection) -> list[PoolRuntime]:
@@ -187,6 +199,7 @@ class ReadReplicas:
                 "replica %r left out of reads until its next lag check: %s. hint: is it up?",
                 runtime.pool.name,
                 why,
+                extra=fields("replica_left_out", runtime.pool.name, reason=str(why)),
             )
             runtime.replica_lag = None
 
@@ -198,12 +211,15 @@ class ReadReplicas:
             return
         runtime = primary
         lease = None
+        route = route_of(connection.scope)
         if request_lease_of(primary) is None:
             fit = self._fit(connection)
             while fit and lease is None:
                 runtime = fit.pop(next(self._turn) % len(fit))
                 try:
-                    lease = await runtime.acquire(for_request=True)
+                    lease = await runtime.acquire(
+                        for_request=True, route=route_of(connection.scope)
+                    )
                 except DeadlineExceededError:
                     raise
                 except DBPoolError as ex:  # down, or only busy: this request reads elsewhere
@@ -212,7 +228,7 @@ class ReadReplicas:
                         self._left_out(runtime, ex)
                     runtime = primary
         if lease is None:
-            lease = await primary.acquire(for_request=True)
+            lease = await primary.acquire(for_request=True, route=route)
         try:
             tx = await begin(lease.conn)
             try:

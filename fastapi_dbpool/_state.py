@@ -29,7 +29,8 @@ from ._connection import (
 )
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._hand_over import WaitingLine
-from ._metrics import Counters
+from ._log import fields
+from ._metrics import Counters, Observer, top_holders
 from ._pinned import Pinned
 from ._pool_internals import queued_in, return_now, stale
 from ._watchdog import LoopWatchdog
@@ -64,7 +65,11 @@ class PoolRuntime:
     """One opened pool, bound to the event loop that opened it."""
 
     def __init__(
-        self, pool: AsyncConnectionPool[Any], settings: Settings, connect_log: ConnectLog
+        self,
+        pool: AsyncConnectionPool[Any],
+        settings: Settings,
+        connect_log: ConnectLog,
+        observers: list[Observer],
     ) -> None:
         self.pool = pool
         self.settings = settings
@@ -81,7 +86,7 @@ class PoolRuntime:
         self._background: set[asyncio.Task[bool]] = set()
         self._last_exhaustion_log = 0.0
         self.watchdog: LoopWatchdog | None = None
-        self.counters = Counters()
+        self.counters = Counters(pool.name, observers)
         # seconds, as ReadReplicas last measured it; None: unknown, or left out of reads
         self.replica_lag: float | None = None
         self.pinned: Pinned | None = None  # rollback isolation of a test (fastapi_dbpool.testing)
@@ -119,7 +124,12 @@ class PoolRuntime:
             )
 
     async def acquire(
-        self, timeout: float | None = None, *, for_request: bool, stream: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        for_request: bool,
+        stream: bool = False,
+        route: str | None = None,
     ) -> Lease:
         """Check out a live, idle connection, or raise `PoolExhaustedError` in time.
 
@@ -172,7 +182,9 @@ class PoolRuntime:
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
             assert isinstance(conn, GuardedConnection)
-            lease = Lease(conn, task, shared, self.settings.release_timeout, control, stream, self)
+            lease = Lease(
+                conn, task, shared, self.settings.release_timeout, control, stream, self, route
+            )
             conn._dbpool_lease = lease
             self.leases.add(lease)
             if control is not None:
@@ -190,12 +202,16 @@ class PoolRuntime:
                         if latest is not None:  # this request's leases of other pools
                             lease.previous = latest.previous if latest.runtime is self else latest
                         request_lease.set(lease)
-                    self.counters.waited(time.monotonic() - started)
+                    self.counters.waited(lease.since - started, route)
                     return lease
             except BaseException:
                 await self.release(lease)
                 raise
-            logger.info("discarding a dead connection of pool %r", self.pool.name)
+            logger.info(
+                "discarding a dead connection of pool %r",
+                self.pool.name,
+                extra=fields("dead_connection_discarded", self.pool.name),
+            )
             _cleanup.close_now(conn)
             await self.release(lease)
 
@@ -260,10 +276,15 @@ class PoolRuntime:
 
     @asynccontextmanager
     async def lease(
-        self, timeout: float | None = None, *, for_request: bool, stream: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        for_request: bool,
+        stream: bool = False,
+        route: str | None = None,
     ) -> AsyncIterator[Lease]:
         """`acquire`, then `release` however the block exits."""
-        lease = await self.acquire(timeout, for_request=for_request, stream=stream)
+        lease = await self.acquire(timeout, for_request=for_request, stream=stream, route=route)
         try:
             yield lease
         except BaseException as exc:
@@ -282,6 +303,7 @@ class PoolRuntime:
         if lease.state is not LeaseState.ACTIVE:
             return
         lease.state = LeaseState.RELEASING
+        self.counters.held(time.monotonic() - lease.since, lease.route)
         conn = lease.conn
         try:
             if self.pinned is not None:
@@ -345,28 +367,41 @@ class PoolRuntime:
 
     def _log_exhaustion(self, ex: Exception) -> None:
         now = time.monotonic()
-        if now - self._last_exhaustion_log >= _EXHAUSTION_LOG_EVERY:
-            self._last_exhaustion_log = now
-            failure = self.connect_log.current
-            if failure is not None:  # not a busy pool: the server refuses new connections
-                logger.warning(
-                    "pool %r exhausted, answering 503: %s; new connections fail: %s "
-                    "(stats: %s). hint: %s",
-                    self.pool.name,
-                    ex,
-                    failure,
-                    self.pool.get_stats(),
-                    failure.hint,
-                )
-                return
-            logger.warning(
-                "pool %r exhausted, answering 503: %s (stats: %s). hint: raise max_size if "
-                "PostgreSQL has room, or hold connections for less time (no slow work or "
-                "external calls while a ConnectionDep/TransactionDep is held)",
-                self.pool.name,
-                ex,
-                self.pool.get_stats(),
+        if now - self._last_exhaustion_log < _EXHAUSTION_LOG_EVERY:
+            return
+        self._last_exhaustion_log = now
+        stats = self.pool.get_stats()
+        holders = top_holders(self.leases, now)
+        held_by = ", ".join(
+            f"{h.route} ({h.connections}, longest {h.longest_seconds:.1f} s)" for h in holders
+        )
+        failure = self.connect_log.current
+        if failure is not None:  # not a busy pool: the server refuses new connections
+            why = f"new connections fail: {failure}"
+            hint = failure.hint
+        else:
+            why = f"held by: {held_by or 'no request'}"
+            hint = (
+                "raise max_size if PostgreSQL has room, or hold connections for less time "
+                "(no slow work or external calls while a ConnectionDep/TransactionDep is "
+                "held; the routes above hold the most)"
             )
+        logger.warning(
+            "pool %r exhausted, answering 503: %s; %s (stats: %s). hint: %s",
+            self.pool.name,
+            ex,
+            why,
+            stats,
+            hint,
+            extra=fields(
+                "exhausted",
+                self.pool.name,
+                error=str(ex),
+                stats=stats,
+                holders=[h.__dict__ for h in holders],
+                connect_failure=None if failure is None else str(failure),
+            ),
+        )
 
 
 async def _alive(conn: GuardedConnection) -> bool:

@@ -16,6 +16,9 @@ import sysconfig
 import threading
 import time
 from types import FrameType
+from typing import NamedTuple
+
+from ._log import fields
 
 logger = logging.getLogger("fastapi_dbpool")
 _LIBRARY_DIRS = tuple(
@@ -72,11 +75,11 @@ class LoopWatchdog:
                 return
             self._report(time.monotonic() - sent, where)
 
-    def _blocking_code(self) -> str:
+    def _blocking_code(self) -> _Place:
         frame = sys._current_frames().get(self._loop_thread)
-        return _describe(frame) if frame is not None else "an unknown place"
+        return _describe(frame) if frame is not None else _Place("an unknown place", None, None)
 
-    def _report(self, lag: float, where: str) -> None:
+    def _report(self, lag: float, where: _Place) -> None:
         self.stalls += 1
         self.worst_lag = max(self.worst_lag, lag)
         logger.warning(
@@ -86,20 +89,38 @@ class LoopWatchdog:
             "with `await anyio.to_thread.run_sync(...)` or loop.run_in_executor()",
             self.name,
             lag * 1000,
-            where,
+            where.text,
+            extra=fields(
+                "loop_stall",
+                self.name,
+                lag_seconds=lag,
+                where=where.text,
+                file=where.file,
+                line=where.line,
+            ),
         )
 
 
-def _describe(frame: FrameType) -> str:
+class _Place(NamedTuple):
+    """Where the loop was stalled: as told in the warning, and the file and line of the
+    app's own code there (the innermost frame's when none is the app's)."""
+
+    text: str
+    file: str | None
+    line: int | None
+
+
+def _describe(frame: FrameType) -> _Place:
     """The innermost frame, and the innermost one of the app's own code if that differs."""
     innermost = _place(frame)
     f: FrameType | None = frame
     while f is not None:
         if not _is_library(f.f_code.co_filename):
             own = _place(f)
-            return innermost if own == innermost else f"{innermost}, called from {own}"
+            text = innermost if own == innermost else f"{innermost}, called from {own}"
+            return _Place(text, f.f_code.co_filename, f.f_lineno)
         f = f.f_back
-    return innermost
+    return _Place(innermost, frame.f_code.co_filename, frame.f_lineno)
 
 
 def _place(frame: FrameType) -> str:

@@ -18,6 +18,8 @@ from . import _cleanup
 from ._clock import Clock, Due
 from ._connection import LeaseState
 from ._deadline import RequestControl
+from ._log import error, fields
+from ._metrics import route_of
 from ._registry import find_runtime
 from .errors import DEADLINE_DETAIL
 
@@ -215,6 +217,13 @@ class Watcher(RequestControl):
             self.scope.get("method"),
             self.scope.get("path"),
             "deadline passed" if reason == "deadline" else "client disconnected",
+            extra=fields(
+                "request_cancelled",
+                method=self.scope.get("method"),
+                path=self.scope.get("path"),
+                route=route_of(self.scope),
+                reason=reason,
+            ),
         )
         stopper = self.loop.create_task(self._cancel())
         _stoppers.add(stopper)
@@ -243,7 +252,11 @@ class Watcher(RequestControl):
         try:
             await self._relay(relay)
         except Exception as ex:  # a server whose receive() fails has lost the client
-            logger.debug("receive() failed while watching for a disconnect: %r", ex)
+            logger.debug(
+                "receive() failed while watching for a disconnect: %r",
+                ex,
+                extra=fields("disconnect_watch_failed", error=error(ex)),
+            )
             self._note(_DISCONNECT)
 
     async def _relay(self, relay: _Relay) -> None:

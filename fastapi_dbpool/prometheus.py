@@ -39,6 +39,8 @@ from .errors import ConfigurationError
 
 __all__ = ["DBPoolCollector"]
 
+Buckets = tuple[tuple[float, int], ...]
+
 _PREFIX = "fastapi_dbpool_"
 
 
@@ -84,19 +86,48 @@ class DBPoolCollector(Collector):
                     lambda s: s.pool_available)  # fmt: skip
         yield gauge("pool_waiting_requests", "Requests waiting for a connection.",
                     lambda s: s.requests_waiting)  # fmt: skip
-        histogram = HistogramMetricFamily(
-            _PREFIX + "acquire_wait_seconds",
-            "Time a checkout waited for a connection.",
-            labels=["pool"],
+
+        def histogram(
+            name: str,
+            doc: str,
+            figures: Callable[[PoolStats], Iterator[tuple[list[str], Buckets, int, float]]],
+            labels: tuple[str, ...] = ("pool",),
+        ) -> Metric:
+            family = HistogramMetricFamily(_PREFIX + name, doc, labels=list(labels))
+            for stats in all_stats:
+                for values, buckets, count, total in figures(stats):
+                    family.add_metric(
+                        values,
+                        [(repr(b), float(n)) for b, n in buckets] + [("+Inf", float(count))],
+                        sum_value=total,
+                    )
+            return family
+
+        yield histogram(
+            "acquire_wait_seconds",
+            "Time a checkout waited for a connection, by route template.",
+            lambda s: (
+                ([s.name, route], r.wait_buckets, r.checkouts, r.wait_seconds)
+                for route, r in s.routes.items()
+            ),
+            ("pool", "route"),
         )
-        for stats in all_stats:
-            histogram.add_metric(
-                [stats.name],
-                [(repr(b), float(n)) for b, n in stats.acquire_wait_buckets]
-                + [("+Inf", float(stats.checkouts))],
-                sum_value=stats.acquire_wait_seconds,
-            )
-        yield histogram
+        yield histogram(
+            "connection_use_seconds",
+            "Time a connection was held, from checkout to return, by route template.",
+            lambda s: (
+                ([s.name, route], r.use_buckets, r.returns, r.use_seconds)
+                for route, r in s.routes.items()
+            ),
+            ("pool", "route"),
+        )
+        yield histogram(
+            "connection_create_seconds",
+            "Time it took to open a new connection.",
+            lambda s: iter([([s.name], s.create_buckets, s.connections_created, s.create_seconds)]),
+        )
+        yield counter("timeouts", "Checkouts that got no connection in time (503 or 504).",
+                      lambda s: s.timeouts)  # fmt: skip
         yield counter("exhausted", "Requests answered 503: no connection in time.",
                       lambda s: s.exhausted)  # fmt: skip
         yield counter("deadline_exceeded", "Checkouts cut by the request's deadline (504).",
