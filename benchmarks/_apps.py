@@ -27,7 +27,7 @@ WATCHDOG = None if os.environ.get("BENCH_WATCHDOG") == "off" else 0.1
 PGBOUNCER_URL = "BENCH_PGBOUNCER_URL"
 
 
-def _fastapi_dbpool(url: str | None = None, **settings: Any) -> FastAPI:
+def _fastapi_dbpool(url: str | None = None, otel_metrics: bool = False, **settings: Any) -> FastAPI:
     db = DBPool(
         url or os.environ["DATABASE_URL"],
         min_size=POOL_SIZE,
@@ -35,6 +35,13 @@ def _fastapi_dbpool(url: str | None = None, **settings: Any) -> FastAPI:
         watchdog=WATCHDOG,
         **settings,
     )
+    if otel_metrics:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from fastapi_dbpool import otel
+
+        otel.instrument(db, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
     app = FastAPI(lifespan=db.lifespan)
 
     @app.get("/select/{item_id}")
@@ -117,3 +124,8 @@ def fastapi_dbpool_scope_only() -> FastAPI:
     app = _fastapi_dbpool()
     app.add_middleware(_ScopeOnly)
     return app
+
+
+def fastapi_dbpool_otel() -> FastAPI:
+    """fastapi_dbpool with its OpenTelemetry metrics on (the SDK, a reader never read)."""
+    return _fastapi_dbpool(otel_metrics=True)

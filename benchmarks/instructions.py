@@ -1,6 +1,7 @@
 """Instructions per request under real uvicorn, counted by callgrind: a cost that load barely moves.
 
-    python -m benchmarks.instructions [--set middleware|contenders] [--requests 1500]
+    python -m benchmarks.instructions [--set middleware|contenders|observability]
+        [--requests 1500]
         [--connections 4] [--rounds 3]
 
 req/s on two shared cores moves by 10% from one run to the next, more than the differences
@@ -41,8 +42,21 @@ from pathlib import Path
 from . import contenders, middleware_overhead
 from ._runner import add_write_option, prepare, served, write
 
-SETS = {"middleware": middleware_overhead.CONTENDERS, "contenders": contenders.CONTENDERS}
-PATHS = {"middleware": ["/select/42", "/nodb"], "contenders": ["/select/42", "/tx/42", "/nodb"]}
+#: What fastapi_dbpool.otel's metrics cost a request (the SDK records each wait and hold).
+OBSERVABILITY = [
+    ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
+    ("+ otel.instrument(), OpenTelemetry SDK", "benchmarks._apps:fastapi_dbpool_otel"),
+]
+SETS = {
+    "middleware": middleware_overhead.CONTENDERS,
+    "contenders": contenders.CONTENDERS,
+    "observability": OBSERVABILITY,
+}
+PATHS = {
+    "middleware": ["/select/42", "/nodb"],
+    "contenders": ["/select/42", "/tx/42", "/nodb"],
+    "observability": ["/select/42"],
+}
 CONNECTIONS = 4  # latency stays well under CancellationMiddleware's 0.25 s before it watches
 
 

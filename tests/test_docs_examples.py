@@ -5,7 +5,9 @@ Each block runs in a fresh namespace that holds what a reader has from the quick
 (`app`, `db`, its imports): imports resolve, names exist, and every `DBPool`,
 `ReadReplicas` and middleware is built and so has its settings checked, without
 connecting (a pool connects only in its lifespan). docs/testing.md's blocks need a
-project around them and run as a real pytest run in tests/test_docs_testing.py.
+project around them and run as a real pytest run in tests/test_docs_testing.py;
+docs/observability.md's set global OpenTelemetry providers and logging, and are served
+by uvicorn in tests/test_docs_served.py.
 """
 
 import re
@@ -16,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SEPARATE = {"testing.md"}
+SEPARATE = {"testing.md", "observability.md"}
 
 
 def blocks() -> list[Any]:

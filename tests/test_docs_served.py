@@ -1,14 +1,17 @@
-"""The quickstart and the replicas example, served the way a user runs them: the block
-from the page written to main.py as it is (only the connection URLs pointed at servers
-the tests made), `uvicorn main:app` in a process of its own, real HTTP requests."""
+"""The quickstart, the replicas example and the observability set-ups, served the way a
+user runs them: the block from the page written to main.py as it is (only the connection
+URLs pointed at servers the tests made), `uvicorn main:app` in a process of its own, real
+HTTP requests."""
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -21,9 +24,9 @@ from ._replication import cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def first_block(page: str) -> str:
+def block(page: str, n: int = 0) -> str:
     blocks: list[str] = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
-    return blocks[0]
+    return blocks[n]
 
 
 def pointed(block: str, urls: dict[str, str]) -> str:
@@ -33,51 +36,75 @@ def pointed(block: str, urls: dict[str, str]) -> str:
     return block
 
 
+class Served:
+    """A `uvicorn main:app` process: its base URL, and what it printed once stopped."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.output = ""
+
+
 @contextlib.contextmanager
-def uvicorn(app_dir: Path, code: str) -> Iterator[str]:
-    """`uvicorn main:app` on 127.0.0.1, its base URL once it answers; stopped by its PID."""
+def uvicorn(app_dir: Path, code: str) -> Iterator[Served]:
+    """`uvicorn main:app` on 127.0.0.1, once it answers; stopped by its PID (SIGTERM, so
+    that the app shuts down as in production)."""
     (app_dir / "main.py").write_text(code)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    served = Served(f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                httpx.get(base + "/docs", timeout=2)
+                httpx.get(served.base + "/docs", timeout=2)
                 break
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
                 assert time.monotonic() < deadline, "uvicorn did not answer in 30s"
                 time.sleep(0.2)
-        yield base
+        yield served
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=20)
-    assert "Traceback" not in out, out
+        served.output, _ = proc.communicate(timeout=20)
+    assert "Traceback" not in served.output, served.output
+
+
+def json_objects(output: str) -> list[dict[str, Any]]:
+    """Every JSON object printed from the start of a line (log records, exporters' dumps)."""
+    decoder, found = json.JSONDecoder(), []
+    for match in re.finditer(r"^\{", output, re.M):
+        with contextlib.suppress(ValueError):
+            found.append(decoder.raw_decode(output, match.start())[0])
+    return found
+
+
+@contextlib.contextmanager
+def database(database_url: str, name: str) -> Iterator[str]:
+    """A database of its own on the test server, dropped afterwards."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield make_conninfo(database_url, dbname=name)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_the_quickstart_serves_and_commits(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {app_name}")
-    try:
-        url = make_conninfo(database_url, dbname=app_name)
+    with database(database_url, app_name) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
-        code = pointed(first_block("README.md"), {"postgresql://app@localhost/app": url})
-        with uvicorn(tmp_path, code) as base:
-            assert httpx.post(base + "/items", params={"name": "first"}).status_code == 200
-            assert httpx.get(base + "/items/1").json() == [1, "first"]
+        code = pointed(block("README.md"), {"postgresql://app@localhost/app": url})
+        with uvicorn(tmp_path, code) as served:
+            assert httpx.post(served.base + "/items", params={"name": "first"}).status_code == 200
+            assert httpx.get(served.base + "/items/1").json() == [1, "first"]
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT name FROM items").fetchall() == [("first",)]
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {app_name} WITH (FORCE)")
 
 
 def test_the_replicas_example_serves_its_write_and_its_read(
@@ -86,14 +113,15 @@ def test_the_replicas_example_serves_its_write_and_its_read(
     with cluster(replicas=2) as servers:
         servers.primary.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
         code = pointed(
-            first_block("docs/replicas.md"),
+            block("docs/replicas.md"),
             {
                 "postgresql://app@db-primary/app": servers.primary.url,
                 "postgresql://app@db-replica-1/app": servers.replicas[0].url,
                 "postgresql://app@db-replica-2/app": servers.replicas[1].url,
             },
         )
-        with uvicorn(tmp_path, code) as base:
+        with uvicorn(tmp_path, code) as served:
+            base = served.base
             assert httpx.post(base + "/notes", params={"body": "hello"}).status_code == 200
             for node in servers.replicas:
                 servers.wait_replayed(node)
@@ -102,3 +130,65 @@ def test_the_replicas_example_serves_its_write_and_its_read(
         # the write reached the primary, and both standbys replayed it
         for node in [servers.primary, *servers.replicas]:
             assert node.execute("SELECT body FROM notes") == [("hello",)]
+
+
+def test_the_prometheus_setup_serves_metrics_by_route_and_json_logs(
+    database_url: str, tmp_path: Path, app_name: str
+) -> None:
+    with database(database_url, app_name) as url:
+        code = pointed(block("docs/observability.md", 0), {"postgresql://app@localhost/app": url})
+        with uvicorn(tmp_path, code) as served:
+            for n in (3, 4):
+                assert httpx.get(f"{served.base}/items/{n}").json() == n
+            assert httpx.get(served.base + "/readyz").status_code == 200
+            text = httpx.get(served.base + "/metrics/").text
+    labels = 'pool="fastapi_dbpool",route="/items/{item_id}"'
+    assert f"fastapi_dbpool_connection_use_seconds_count{{{labels}}} 2.0" in text
+    assert f"fastapi_dbpool_acquire_wait_seconds_count{{{labels}}} 2.0" in text
+    assert 'fastapi_dbpool_connection_create_seconds_count{pool="fastapi_dbpool"}' in text
+    events = {r["dbpool_event"]: r for r in json_objects(served.output) if "dbpool_event" in r}
+    assert {"pool_open", "pool_closed"} <= set(events), served.output
+    assert events["pool_open"]["dbpool_pool"] == "fastapi_dbpool"
+    assert events["pool_open"]["dbpool_stats"]["pool_max"] == 10
+
+
+def test_the_opentelemetry_setup_exports_pool_metrics_and_request_parented_spans(
+    database_url: str, tmp_path: Path, app_name: str
+) -> None:
+    with database(database_url, app_name) as url:
+        code = pointed(block("docs/observability.md", 1), {"postgresql://app@localhost/app": url})
+        with uvicorn(tmp_path, code) as served:
+            for n in (5, 6):
+                assert httpx.get(f"{served.base}/items/{n}").json() == n
+    printed = json_objects(served.output)  # the console exporters', flushed at shutdown
+    spans = [o for o in printed if "context" in o and "kind" in o]
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    statements = [
+        s
+        for s in spans
+        if s["attributes"].get("db.system.name", s["attributes"].get("db.system")) == "postgresql"
+    ]
+    assert len(statements) == 2, served.output
+    for statement in statements:
+        assert "statement_timeout" not in json.dumps(statement)
+        ancestors, span = [], statement
+        while span.get("parent_id") in by_id:
+            span = by_id[span["parent_id"]]
+            ancestors.append(span)
+        assert any(a["kind"] == "SpanKind.SERVER" for a in ancestors), statement
+        assert {a["context"]["trace_id"] for a in ancestors} == {statement["context"]["trace_id"]}
+    points = {
+        m["name"]: m["data"]["data_points"]
+        for o in printed
+        for rm in o.get("resource_metrics", [])
+        for sm in rm["scope_metrics"]
+        for m in sm["metrics"]
+    }
+    (use,) = [
+        p
+        for p in points["db.client.connection.use_time"]
+        if p["attributes"].get("http.route") == "/items/{item_id}"
+    ]
+    assert use["count"] == 2
+    assert points["db.client.connection.max"][0]["value"] == 10
+    assert points["db.client.connection.timeouts"][0]["value"] == 0
