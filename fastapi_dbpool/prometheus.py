@@ -34,7 +34,7 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
 
 from ._connect_errors import CAUSES
 from ._lifespan import DBPool
-from ._metrics import PoolStats
+from ._metrics import PoolStats, RouteStats
 from .errors import ConfigurationError
 
 __all__ = ["DBPoolCollector"]
@@ -103,24 +103,23 @@ class DBPoolCollector(Collector):
                     )
             return family
 
-        yield histogram(
-            "acquire_wait_seconds",
-            "Time a checkout waited for a connection, by route template.",
-            lambda s: (
-                ([s.name, route], r.wait_buckets, r.checkouts, r.wait_seconds)
-                for route, r in s.routes.items()
-            ),
-            ("pool", "route"),
-        )
-        yield histogram(
-            "connection_use_seconds",
-            "Time a connection was held, from checkout to return, by route template.",
-            lambda s: (
-                ([s.name, route], r.use_buckets, r.returns, r.use_seconds)
-                for route, r in s.routes.items()
-            ),
-            ("pool", "route"),
-        )
+        def per_route(
+            figures: Callable[[RouteStats], tuple[Buckets, int, float]],
+        ) -> Callable[[PoolStats], Iterator[tuple[list[str], Buckets, int, float]]]:
+            def rows(s: PoolStats) -> Iterator[tuple[list[str], Buckets, int, float]]:
+                for route, r in s.routes.items():
+                    yield ([s.name, route], *figures(r))
+
+            return rows
+
+        yield histogram("acquire_wait_seconds",
+                        "Time a checkout waited for a connection, by route template.",
+                        per_route(lambda r: (r.wait_buckets, r.checkouts, r.wait_seconds)),
+                        ("pool", "route"))  # fmt: skip
+        yield histogram("connection_use_seconds",
+                        "Time a connection was held, from checkout to return, by route template.",
+                        per_route(lambda r: (r.use_buckets, r.returns, r.use_seconds)),
+                        ("pool", "route"))  # fmt: skip
         yield histogram(
             "connection_create_seconds",
             "Time it took to open a new connection.",
