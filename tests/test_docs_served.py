@@ -1,7 +1,7 @@
-"""The quickstart, the replicas example and the observability set-ups, served the way a
-user runs them: the block from the page written to main.py as it is (only the connection
-URLs pointed at servers the tests made), `uvicorn main:app` in a process of its own, real
-HTTP requests."""
+"""The quickstart, the replicas, migration and observability examples, and the deadline
+and operations fragments added to the quickstart, served the way a user runs them: the
+block from the page written to main.py as it is (only the connection URLs pointed at
+servers the tests made), `uvicorn main:app` in a process of its own, real HTTP requests."""
 
 import contextlib
 import json
@@ -192,3 +192,40 @@ def test_the_opentelemetry_setup_exports_pool_metrics_and_request_parented_spans
     assert use["count"] == 2
     assert points["db.client.connection.max"][0]["value"] == 10
     assert points["db.client.connection.timeouts"][0]["value"] == 0
+
+
+def test_the_migration_example_serves_rows(
+    database_url: str, tmp_path: Path, app_name: str
+) -> None:
+    with database(database_url, app_name) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
+            conn.execute("INSERT INTO items (name) VALUES ('a'), ('b')")
+        code = pointed(block("docs/migration.md"), {"postgresql://app@localhost/app": url})
+        with uvicorn(tmp_path, code) as served:
+            assert httpx.get(served.base + "/items").json() == [[1, "a"], [2, "b"]]
+
+
+def test_the_deadline_and_operations_fragments_serve_added_to_the_quickstart(
+    database_url: str, tmp_path: Path, app_name: str
+) -> None:
+    """The pages show what to add to the quickstart's main.py: added, as a reader would."""
+    with database(database_url, app_name) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
+            conn.execute("INSERT INTO items (name) VALUES ('a')")
+        quickstart = pointed(block("README.md"), {"postgresql://app@localhost/app": url})
+        fragments = block("docs/deadlines.md") + block("docs/operations.md")
+        with uvicorn(tmp_path, quickstart + fragments) as served:
+            base = served.base
+            assert httpx.get(base + "/items/1").json() == [1, "a"]
+            # deadlines.md: the middleware reads the header; a budget spent before the
+            # checkout answers 504; /report runs under its own deadline
+            spent = httpx.get(base + "/items/1", headers={"X-Request-Timeout": "0.000001"})
+            assert spent.status_code == 504
+            assert httpx.get(base + "/report").status_code == 200
+            # operations.md: health and metrics
+            assert httpx.get(base + "/livez").status_code == 200
+            assert httpx.get(base + "/readyz").json()["status"] == "ready"
+            metrics = httpx.get(base + "/metrics/").text
+    assert 'fastapi_dbpool_pool_max_connections{pool="fastapi_dbpool"} 10.0' in metrics
