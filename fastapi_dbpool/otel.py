@@ -17,7 +17,15 @@ with the pool's name as ``db.client.connection.pool.name``:
 - the histograms ``db.client.connection.create_time``, ``db.client.connection.wait_time``
   and ``db.client.connection.use_time`` (seconds, the buckets of the Prometheus collector;
   wait and use with the route template as ``http.route``): given each value by the same
-  call that counts it for `DBPool.stats()`, so the two always agree.
+  call that counts it for `DBPool.stats()`, so the two always agree;
+
+and the rest of what `DBPool.stats()` and the Prometheus collector have, which the
+conventions do not name: ``fastapi_dbpool.pool.exhausted`` (503s),
+``fastapi_dbpool.pool.deadline_exceeded`` (504s while waiting),
+``fastapi_dbpool.requests.cancelled``, ``fastapi_dbpool.connection.discarded``,
+``fastapi_dbpool.connection.errors``, ``fastapi_dbpool.connection.failures`` (by cause, as
+``error.type``), ``fastapi_dbpool.loop.stalls``, ``fastapi_dbpool.loop.worst_lag`` and
+``fastapi_dbpool.replica.lag``.
 
 Only ``opentelemetry-api`` is needed here; the SDK, its readers and exporters are the
 app's. Without a meter provider set, OpenTelemetry's API records nothing.
@@ -36,6 +44,7 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
         "fastapi_dbpool.otel needs opentelemetry-api: pip install 'fastapi_dbpool[otel]'"
     ) from ex
 
+from ._connect_errors import CAUSES
 from ._lifespan import DBPool
 from ._metrics import WAIT_BUCKETS, PoolStats
 from .errors import ConfigurationError
@@ -116,13 +125,13 @@ def instrument(*dbs: DBPool, meter_provider: MeterProvider | None = None) -> Non
 
         return callback
 
+    def per_pool(
+        value: Callable[[PoolStats], float],
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        return observe(lambda s: [(value(s), {POOL: s.name})])
+
     def gauge(name: str, unit: str, description: str, value: Callable[[PoolStats], int]) -> None:
-        meter.create_observable_up_down_counter(
-            name,
-            [observe(lambda s: [(value(s), {POOL: s.name})])],
-            unit,
-            description,
-        )
+        meter.create_observable_up_down_counter(name, [per_pool(value)], unit, description)
 
     meter.create_observable_up_down_counter(
         "db.client.connection.count",
@@ -148,8 +157,65 @@ def instrument(*dbs: DBPool, meter_provider: MeterProvider | None = None) -> Non
           lambda s: s.requests_waiting)  # fmt: skip
     meter.create_observable_counter(
         "db.client.connection.timeouts",
-        [observe(lambda s: [(s.timeouts, {POOL: s.name})])],
+        [per_pool(lambda s: s.timeouts)],
         "{timeout}",
         "The number of connection timeouts that have occurred trying to obtain a connection "
         "from the pool",
     )
+    # The rest of what db.stats() and the Prometheus collector have, which the semantic
+    # conventions do not name.
+    for name, unit, description, value in _COUNTERS:
+        meter.create_observable_counter(name, [per_pool(value)], unit, description)
+    meter.create_observable_counter(
+        "fastapi_dbpool.connection.failures",
+        [
+            observe(
+                lambda s: [
+                    (
+                        s.connection_errors_by_cause.get(cause, 0),
+                        {POOL: s.name, "error.type": cause},
+                    )
+                    for cause in CAUSES
+                ]
+            )
+        ],
+        "{attempt}",
+        "Failed attempts to open a connection, by cause (error.type)",
+    )
+    meter.create_observable_gauge(
+        "fastapi_dbpool.loop.worst_lag",
+        [per_pool(lambda s: s.worst_loop_lag_seconds)],
+        "s",
+        "Longest event-loop stall seen",
+    )
+    meter.create_observable_gauge(
+        "fastapi_dbpool.replica.lag",
+        [
+            observe(
+                lambda s: (
+                    []
+                    if s.replica_lag_seconds is None
+                    else [(s.replica_lag_seconds, {POOL: s.name})]
+                )
+            )
+        ],
+        "s",
+        "A read replica's lag, as last measured by ReadReplicas (absent while unknown)",
+    )
+
+
+_COUNTERS: list[tuple[str, str, str, Callable[[PoolStats], int]]] = [
+    ("fastapi_dbpool.pool.exhausted", "{request}",
+     "Requests answered 503: no connection in time", lambda s: s.exhausted),
+    ("fastapi_dbpool.pool.deadline_exceeded", "{request}",
+     "Checkouts cut by the request's deadline (504)", lambda s: s.deadline_exceeded),
+    ("fastapi_dbpool.requests.cancelled", "{request}",
+     "Requests cut by CancellationMiddleware", lambda s: s.cancelled_requests),
+    ("fastapi_dbpool.connection.discarded", "{connection}",
+     "Connections closed instead of returned", lambda s: s.discarded_on_release),
+    ("fastapi_dbpool.connection.errors", "{attempt}",
+     "Failed attempts to open a connection (psycopg_pool's count)",
+     lambda s: s.connection_errors),
+    ("fastapi_dbpool.loop.stalls", "{stall}",
+     "Times the event loop was blocked past the watchdog's threshold", lambda s: s.loop_stalls),
+]  # fmt: skip

@@ -97,6 +97,13 @@ async def test_otel_prometheus_and_stats_agree_after_the_same_traffic(
         cut = await client.get("/items/8", headers={"X-Request-Timeout": "0.1"})
         assert cut.status_code == 504
         assert (await holder).status_code == 200
+        # a request cut mid-query by its deadline, and a handler that blocks the loop
+        cut = await client.get("/report", headers={"X-Request-Timeout": "0.2"})
+        assert cut.status_code == 504
+        assert (await client.get("/stall")).status_code == 200
+        async with asyncio.timeout(5):
+            while db.stats().loop_stalls < 1:
+                await asyncio.sleep(0.01)
 
         stats = db.stats()
         points = _otel(reader)
@@ -106,10 +113,11 @@ async def test_otel_prometheus_and_stats_agree_after_the_same_traffic(
     # the figures of the known traffic
     assert set(stats.routes) == {"/items/{item_id}", "/report"}  # templates, not raw paths
     items, report = stats.routes["/items/{item_id}"], stats.routes["/report"]
-    assert (items.checkouts, items.returns, report.checkouts, report.returns) == (5, 5, 1, 1)
-    assert report.use_seconds >= 0.6 > items.use_seconds
+    assert (items.checkouts, items.returns, report.checkouts, report.returns) == (5, 5, 2, 2)
+    assert report.use_seconds >= 0.6 + 0.2 > items.use_seconds
     assert (stats.exhausted, stats.deadline_exceeded, stats.timeouts) == (1, 1, 2)
-    assert stats.checkouts == 6 == stats.returns
+    assert (stats.cancelled_requests, stats.loop_stalls) == (1, 1)
+    assert stats.checkouts == 7 == stats.returns
     assert stats.connections_created >= 1
     assert stats.holders == ()  # nothing held once the requests are done
 
@@ -145,6 +153,35 @@ async def test_otel_prometheus_and_stats_agree_after_the_same_traffic(
             assert _cumulative(point) == [n for _, n in buckets]
             assert prom[f"fastapi_dbpool_{metric}_count", labels] == count
             assert prom[f"fastapi_dbpool_{metric}_sum", labels] == pytest.approx(total)
+
+    # every other figure of the Prometheus collector, in OpenTelemetry with the same value
+    def prometheus(name: str, **labels: str) -> float:
+        return prom[f"fastapi_dbpool_{name}", frozenset({("pool", app_name), *labels.items()})]
+
+    idle = value("db.client.connection.count", **{"db.client.connection.state": "idle"})
+    same = {
+        "pool_min_connections": value("db.client.connection.idle.min"),
+        "pool_max_connections": value("db.client.connection.max"),
+        "pool_available_connections": idle,
+        "pool_waiting_requests": value("db.client.connection.pending_requests"),
+        "timeouts_total": value("db.client.connection.timeouts"),
+        "exhausted_total": value("fastapi_dbpool.pool.exhausted"),
+        "deadline_exceeded_total": value("fastapi_dbpool.pool.deadline_exceeded"),
+        "cancelled_requests_total": value("fastapi_dbpool.requests.cancelled"),
+        "discarded_connections_total": value("fastapi_dbpool.connection.discarded"),
+        "connection_errors_total": value("fastapi_dbpool.connection.errors"),
+        "loop_stalls_total": value("fastapi_dbpool.loop.stalls"),
+        "loop_worst_lag_seconds": value("fastapi_dbpool.loop.worst_lag"),
+    }
+    for name, figure in same.items():
+        assert prometheus(name) == figure, name
+    assert same["loop_worst_lag_seconds"] == stats.worst_loop_lag_seconds >= 0.25
+    for point in points["fastapi_dbpool.connection.failures"]:
+        cause = point.attributes["error.type"]
+        assert prometheus("connection_failures_total", cause=cause) == point.value == 0
+    # a replica's lag: not a replica, absent from both
+    assert "fastapi_dbpool.replica.lag" not in points
+    assert not [key for key in prom if key[0] == "fastapi_dbpool_replica_lag_seconds"]
     (created,) = points["db.client.connection.create_time"]
     assert created.count == stats.connections_created
     assert created.sum == pytest.approx(stats.create_seconds)
