@@ -27,7 +27,9 @@ WATCHDOG = None if os.environ.get("BENCH_WATCHDOG") == "off" else 0.1
 PGBOUNCER_URL = "BENCH_PGBOUNCER_URL"
 
 
-def _fastapi_dbpool(url: str | None = None, otel_metrics: bool = False, **settings: Any) -> FastAPI:
+def _fastapi_dbpool(
+    url: str | None = None, otel_metrics: bool | None = None, **settings: Any
+) -> FastAPI:
     db = DBPool(
         url or os.environ["DATABASE_URL"],
         min_size=POOL_SIZE,
@@ -35,13 +37,14 @@ def _fastapi_dbpool(url: str | None = None, otel_metrics: bool = False, **settin
         watchdog=WATCHDOG,
         **settings,
     )
-    if otel_metrics:
+    if otel_metrics is not None:  # True: with its histograms
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         from fastapi_dbpool import otel
 
-        otel.instrument(db, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        otel.instrument(db, meter_provider=provider, histograms=otel_metrics)
     app = FastAPI(lifespan=db.lifespan)
 
     @app.get("/select/{item_id}")
@@ -129,3 +132,8 @@ def fastapi_dbpool_scope_only() -> FastAPI:
 def fastapi_dbpool_otel() -> FastAPI:
     """fastapi_dbpool with its OpenTelemetry metrics on (the SDK, a reader never read)."""
     return _fastapi_dbpool(otel_metrics=True)
+
+
+def fastapi_dbpool_otel_no_histograms() -> FastAPI:
+    """fastapi_dbpool with its OpenTelemetry gauges and counters only."""
+    return _fastapi_dbpool(otel_metrics=False)

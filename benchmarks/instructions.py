@@ -46,6 +46,7 @@ from ._runner import add_write_option, prepare, served, write
 OBSERVABILITY = [
     ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
     ("+ otel.instrument(), OpenTelemetry SDK", "benchmarks._apps:fastapi_dbpool_otel"),
+    ("+ otel.instrument(histograms=False)", "benchmarks._apps:fastapi_dbpool_otel_no_histograms"),
 ]
 SETS = {
     "middleware": middleware_overhead.CONTENDERS,

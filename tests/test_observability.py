@@ -276,3 +276,20 @@ async def test_log_records_carry_their_figures_as_fields(database_url: str, app_
     assert stall["dbpool_file"] == __file__
     assert stall["dbpool_line"] > 0
     assert stall["dbpool_lag_seconds"] >= 0.25
+
+
+async def test_histograms_left_out_cost_requests_nothing(database_url: str, app_name: str) -> None:
+    """otel.instrument(histograms=False): the gauges and counters, read at collection, and
+    nothing recorded on the request path."""
+    reader = InMemoryMetricReader()
+    db = make_db(database_url, app_name, min_size=1, max_size=2)
+    otel.instrument(db, meter_provider=MeterProvider(metric_readers=[reader]), histograms=False)
+    assert db._observers == []  # the request path has nothing to tell
+    async with serve(routes_app(db), db) as client:
+        assert (await client.get("/items/3")).json() == 3
+        points = _otel(reader)
+    assert not {n for n in points if n.endswith("_time")}
+    (max_size,) = points["db.client.connection.max"]
+    assert max_size.value == 2
+    with pytest.raises(ConfigurationError, match="once"):
+        otel.instrument(db, meter_provider=MeterProvider())
