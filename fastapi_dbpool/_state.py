@@ -28,9 +28,10 @@ from ._connection import (
     run_own,
 )
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
+from ._exhaustion import ExhaustionReport
 from ._hand_over import WaitingLine
 from ._log import fields
-from ._metrics import Counters, Observer, top_holders
+from ._metrics import Counters, Observer
 from ._pinned import Pinned
 from ._pool_internals import queued_in, return_now, stale
 from ._watchdog import LoopWatchdog
@@ -43,7 +44,6 @@ from .errors import (
 )
 
 logger = logging.getLogger("fastapi_dbpool")
-_EXHAUSTION_LOG_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class PoolRuntime:
         self.returned: weakref.WeakSet[GuardedConnection] = weakref.WeakSet()
         self.closing = False
         self._background: set[asyncio.Task[bool]] = set()
-        self._last_exhaustion_log = 0.0
+        self.exhaustion = ExhaustionReport()
         self.watchdog: LoopWatchdog | None = None
         self.counters = Counters(pool.name, observers)
         # seconds, as ReadReplicas last measured it; None: unknown, or left out of reads
@@ -175,7 +175,7 @@ class PoolRuntime:
                     assert control is not None
                     raise self._ran_out(control) from ex
                 self.counters.exhausted += 1
-                self._log_exhaustion(ex)
+                self.exhaustion.report(self.pool, self.leases, self.connect_log, ex)
                 raise PoolExhaustedError(
                     self.pool.name, limit, self.settings.retry_after, str(ex)
                 ) from ex
@@ -364,44 +364,6 @@ class PoolRuntime:
     def _count_late_give_back(self, task: asyncio.Task[bool]) -> None:
         if not task.cancelled() and task.exception() is None and not task.result():
             self.counters.discarded_on_release += 1
-
-    def _log_exhaustion(self, ex: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_exhaustion_log < _EXHAUSTION_LOG_EVERY:
-            return
-        self._last_exhaustion_log = now
-        stats = self.pool.get_stats()
-        holders = top_holders(self.leases, now)
-        held_by = ", ".join(
-            f"{h.route} ({h.connections}, longest {h.longest_seconds:.1f} s)" for h in holders
-        )
-        failure = self.connect_log.current
-        if failure is not None:  # not a busy pool: the server refuses new connections
-            why = f"new connections fail: {failure}"
-            hint = failure.hint
-        else:
-            why = f"held by: {held_by or 'no request'}"
-            hint = (
-                "raise max_size if PostgreSQL has room, or hold connections for less time "
-                "(no slow work or external calls while a ConnectionDep/TransactionDep is "
-                "held; the routes above hold the most)"
-            )
-        logger.warning(
-            "pool %r exhausted, answering 503: %s; %s (stats: %s). hint: %s",
-            self.pool.name,
-            ex,
-            why,
-            stats,
-            hint,
-            extra=fields(
-                "exhausted",
-                self.pool.name,
-                error=str(ex),
-                stats=stats,
-                holders=[h.__dict__ for h in holders],
-                connect_failure=None if failure is None else str(failure),
-            ),
-        )
 
 
 async def _alive(conn: GuardedConnection) -> bool:

@@ -1,0 +1,76 @@
+"""The warning when a pool runs dry: who holds its connections, or why none can be opened.
+
+A pool answering 503s under load would log one warning per refused request; one every
+`EVERY` seconds says the same. It names the routes holding the most connections (the
+answer to "who is holding the pool?"), or, when the server refuses new connections, that
+failure and its own hint instead of "raise max_size".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from ._connect_errors import ConnectLog
+from ._connection import Lease
+from ._log import fields
+from ._metrics import top_holders
+
+logger = logging.getLogger("fastapi_dbpool")
+EVERY = 10.0  # seconds between two warnings of one pool
+
+_HINT_BUSY = (
+    "raise max_size if PostgreSQL has room, or hold connections for less time (no slow work "
+    "or external calls while a ConnectionDep/TransactionDep is held; the routes above hold "
+    "the most)"
+)
+
+
+class ExhaustionReport:
+    """One pool's exhaustion warnings, at most one every `EVERY` seconds."""
+
+    def __init__(self) -> None:
+        self.last = -EVERY
+
+    def report(
+        self,
+        pool: AsyncConnectionPool[Any],
+        leases: Iterable[Lease],
+        connect_log: ConnectLog,
+        ex: Exception,
+    ) -> None:
+        """A checkout got no connection in time (`ex`): warn, unless warned lately."""
+        now = time.monotonic()
+        if now - self.last < EVERY:
+            return
+        self.last = now
+        stats = pool.get_stats()
+        holders = top_holders(leases, now)
+        failure = connect_log.current
+        if failure is not None:  # not a busy pool: the server refuses new connections
+            why, hint = f"new connections fail: {failure}", failure.hint
+        else:
+            held_by = ", ".join(
+                f"{h.route} ({h.connections}, longest {h.longest_seconds:.1f} s)" for h in holders
+            )
+            why, hint = f"held by: {held_by or 'no request'}", _HINT_BUSY
+        logger.warning(
+            "pool %r exhausted, answering 503: %s; %s (stats: %s). hint: %s",
+            pool.name,
+            ex,
+            why,
+            stats,
+            hint,
+            extra=fields(
+                "exhausted",
+                pool.name,
+                error=str(ex),
+                stats=stats,
+                holders=[vars(h) for h in holders],
+                connect_failure=None if failure is None else str(failure),
+            ),
+        )
