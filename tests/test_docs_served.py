@@ -42,6 +42,7 @@ class Served:
     def __init__(self, base: str) -> None:
         self.base = base
         self.output = ""
+        self.url = ""  # the database it serves, when `serving` made one
 
 
 @contextlib.contextmanager
@@ -93,17 +94,38 @@ def database(database_url: str, name: str) -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def serving(
+    database_url: str,
+    name: str,
+    tmp_path: Path,
+    page: str,
+    n: int = 0,
+    sql: tuple[str, ...] = (),
+    added: str = "",
+) -> Iterator[Served]:
+    """Block `n` of `page` (with the code `added` after it, as a reader adds a fragment),
+    on a database of its own made ready by `sql`, under uvicorn."""
+    with database(database_url, name) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in sql:
+                conn.execute(statement)
+        code = pointed(block(page, n), {"postgresql://app@localhost/app": url}) + added
+        with uvicorn(tmp_path, code) as served:
+            served.url = url
+            yield served
+
+
+ITEMS = "CREATE TABLE items (id serial PRIMARY KEY, name text)"
+
+
 def test_the_quickstart_serves_and_commits(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
-    with database(database_url, app_name) as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
-        code = pointed(block("README.md"), {"postgresql://app@localhost/app": url})
-        with uvicorn(tmp_path, code) as served:
-            assert httpx.post(served.base + "/items", params={"name": "first"}).status_code == 200
-            assert httpx.get(served.base + "/items/1").json() == [1, "first"]
-        with psycopg.connect(url) as conn:
+    with serving(database_url, app_name, tmp_path, "README.md", sql=(ITEMS,)) as served:
+        assert httpx.post(served.base + "/items", params={"name": "first"}).status_code == 200
+        assert httpx.get(served.base + "/items/1").json() == [1, "first"]
+        with psycopg.connect(served.url) as conn:
             assert conn.execute("SELECT name FROM items").fetchall() == [("first",)]
 
 
@@ -135,13 +157,11 @@ def test_the_replicas_example_serves_its_write_and_its_read(
 def test_the_prometheus_setup_serves_metrics_by_route_and_json_logs(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
-    with database(database_url, app_name) as url:
-        code = pointed(block("docs/observability.md", 0), {"postgresql://app@localhost/app": url})
-        with uvicorn(tmp_path, code) as served:
-            for n in (3, 4):
-                assert httpx.get(f"{served.base}/items/{n}").json() == n
-            assert httpx.get(served.base + "/readyz").status_code == 200
-            text = httpx.get(served.base + "/metrics/").text
+    with serving(database_url, app_name, tmp_path, "docs/observability.md", 0) as served:
+        for n in (3, 4):
+            assert httpx.get(f"{served.base}/items/{n}").json() == n
+        assert httpx.get(served.base + "/readyz").status_code == 200
+        text = httpx.get(served.base + "/metrics/").text
     labels = 'pool="fastapi_dbpool",route="/items/{item_id}"'
     assert f"fastapi_dbpool_connection_use_seconds_count{{{labels}}} 2.0" in text
     assert f"fastapi_dbpool_acquire_wait_seconds_count{{{labels}}} 2.0" in text
@@ -155,11 +175,9 @@ def test_the_prometheus_setup_serves_metrics_by_route_and_json_logs(
 def test_the_opentelemetry_setup_exports_pool_metrics_and_request_parented_spans(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
-    with database(database_url, app_name) as url:
-        code = pointed(block("docs/observability.md", 1), {"postgresql://app@localhost/app": url})
-        with uvicorn(tmp_path, code) as served:
-            for n in (5, 6):
-                assert httpx.get(f"{served.base}/items/{n}").json() == n
+    with serving(database_url, app_name, tmp_path, "docs/observability.md", 1) as served:
+        for n in (5, 6):
+            assert httpx.get(f"{served.base}/items/{n}").json() == n
     printed = json_objects(served.output)  # the console exporters', flushed at shutdown
     spans = [o for o in printed if "context" in o and "kind" in o]
     by_id = {s["context"]["span_id"]: s for s in spans}
@@ -197,35 +215,29 @@ def test_the_opentelemetry_setup_exports_pool_metrics_and_request_parented_spans
 def test_the_migration_example_serves_rows(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
-    with database(database_url, app_name) as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
-            conn.execute("INSERT INTO items (name) VALUES ('a'), ('b')")
-        code = pointed(block("docs/migration.md"), {"postgresql://app@localhost/app": url})
-        with uvicorn(tmp_path, code) as served:
-            assert httpx.get(served.base + "/items").json() == [[1, "a"], [2, "b"]]
+    tables = (ITEMS, "INSERT INTO items (name) VALUES ('a'), ('b')")
+    with serving(database_url, app_name, tmp_path, "docs/migration.md", sql=tables) as served:
+        assert httpx.get(served.base + "/items").json() == [[1, "a"], [2, "b"]]
 
 
 def test_the_deadline_and_operations_fragments_serve_added_to_the_quickstart(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
     """The pages show what to add to the quickstart's main.py: added, as a reader would."""
-    with database(database_url, app_name) as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
-            conn.execute("INSERT INTO items (name) VALUES ('a')")
-        quickstart = pointed(block("README.md"), {"postgresql://app@localhost/app": url})
-        fragments = block("docs/deadlines.md") + block("docs/operations.md")
-        with uvicorn(tmp_path, quickstart + fragments) as served:
-            base = served.base
-            assert httpx.get(base + "/items/1").json() == [1, "a"]
-            # deadlines.md: the middleware reads the header; a budget spent before the
-            # checkout answers 504; /report runs under its own deadline
-            spent = httpx.get(base + "/items/1", headers={"X-Request-Timeout": "0.000001"})
-            assert spent.status_code == 504
-            assert httpx.get(base + "/report").status_code == 200
-            # operations.md: health and metrics
-            assert httpx.get(base + "/livez").status_code == 200
-            assert httpx.get(base + "/readyz").json()["status"] == "ready"
-            metrics = httpx.get(base + "/metrics/").text
+    tables = (ITEMS, "INSERT INTO items (name) VALUES ('a')")
+    fragments = block("docs/deadlines.md") + block("docs/operations.md")
+    with serving(
+        database_url, app_name, tmp_path, "README.md", sql=tables, added=fragments
+    ) as served:
+        base = served.base
+        assert httpx.get(base + "/items/1").json() == [1, "a"]
+        # deadlines.md: the middleware reads the header; a budget spent before the
+        # checkout answers 504; /report runs under its own deadline
+        spent = httpx.get(base + "/items/1", headers={"X-Request-Timeout": "0.000001"})
+        assert spent.status_code == 504
+        assert httpx.get(base + "/report").status_code == 200
+        # operations.md: health and metrics
+        assert httpx.get(base + "/livez").status_code == 200
+        assert httpx.get(base + "/readyz").json()["status"] == "ready"
+        metrics = httpx.get(base + "/metrics/").text
     assert 'fastapi_dbpool_pool_max_connections{pool="fastapi_dbpool"} 10.0' in metrics
