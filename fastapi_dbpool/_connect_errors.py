@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from psycopg import AsyncConnection
 
 from . import _dsn
-from ._metrics import Histogram, Observer
+from ._metrics import Histogram, Observer, tell
 
 #: cause -> substrings of libpq's or PostgreSQL's message that identify it (lower case)
 _CAUSES = (
@@ -106,8 +106,8 @@ class ConnectLog:
     def succeeded(self, seconds: float) -> None:
         self.failing = False
         self.created.add(seconds)
-        for observer in self.observers:
-            observer.created(self.pool, seconds)
+        if self.observers:
+            tell(self.observers, "created", self.pool, seconds)
 
     @property
     def current(self) -> ConnectFailure | None:

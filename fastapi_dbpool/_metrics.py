@@ -10,10 +10,13 @@ counts it here (`Observer`).
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ._log import fields
 
 if TYPE_CHECKING:
     from ._connect_errors import ConnectLog
@@ -28,6 +31,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: (``db.connection()`` in a background task, the health probes).
 NO_ROUTE = "(no route)"
 TOP_HOLDERS = 3  # how many routes the exhaustion warning and `PoolStats.holders` name
+logger = logging.getLogger("fastapi_dbpool")
 
 
 def route_of(scope: Mapping[str, Any]) -> str | None:
@@ -108,14 +112,30 @@ class Counters:
     def waited(self, seconds: float, route: str | None) -> None:
         """A checkout for `route` got its connection after `seconds`."""
         self._route(route).wait.add(seconds)
-        for observer in self.observers:
-            observer.waited(self.pool, route, seconds)
+        if self.observers:
+            tell(self.observers, "waited", self.pool, route, seconds)
 
     def held(self, seconds: float, route: str | None) -> None:
         """A checkout for `route` gave its connection back after holding it `seconds`."""
         self._route(route).use.add(seconds)
-        for observer in self.observers:
-            observer.held(self.pool, route, seconds)
+        if self.observers:
+            tell(self.observers, "held", self.pool, route, seconds)
+
+
+def tell(observers: list[Observer], what: str, *args: Any) -> None:
+    """Call each observer's `what`: one that raises must not fail a checkout or a return
+    (and so leak its connection); it is logged, and the others are told."""
+    for observer in observers:
+        try:
+            getattr(observer, what)(*args)
+        except Exception as ex:
+            logger.warning(
+                "a metrics observer failed (%s: %s); the pool carries on. hint: check the "
+                "OpenTelemetry SDK and exporter set-up",
+                type(ex).__name__,
+                ex,
+                extra=fields("observer_failed", args[0], error=f"{type(ex).__name__}: {ex}"),
+            )
 
 
 @dataclass(frozen=True)

@@ -293,3 +293,31 @@ async def test_histograms_left_out_cost_requests_nothing(database_url: str, app_
     assert max_size.value == 2
     with pytest.raises(ConfigurationError, match="once"):
         otel.instrument(db, meter_provider=MeterProvider())
+
+
+async def test_a_failing_observer_fails_no_request_and_leaks_nothing(
+    database_url: str, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The histograms' observer runs on the request path: if it raised, the checkout or
+    the return would fail with it, and the return's cleanup would be skipped."""
+
+    class Broken:
+        def waited(self, pool: str, route: str | None, seconds: float) -> None:
+            raise RuntimeError("exporter gone")
+
+        held = waited
+
+        def created(self, pool: str, seconds: float) -> None:
+            raise RuntimeError("exporter gone")
+
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    db._observers.append(Broken())
+    caplog.set_level(logging.WARNING, "fastapi_dbpool")
+    async with serve(routes_app(db), db) as client:
+        for n in range(3):  # one connection: each request needs the previous one's back
+            assert (await client.get(f"/items/{n}")).json() == n
+        stats = db.stats()
+        assert (stats.checkouts, stats.returns, stats.pool_available) == (3, 3, 1)
+    failed = [r for r in caplog.records if getattr(r, "dbpool_event", None) == "observer_failed"]
+    assert len(failed) >= 6  # waited and held, per request
+    assert "exporter gone" in failed[0].getMessage()
