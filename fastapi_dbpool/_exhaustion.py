@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ._connect_errors import ConnectLog
 from ._connection import Lease
-from ._log import fields
+from ._log import error, fields
 from ._metrics import top_holders
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -68,7 +68,7 @@ class ExhaustionReport:
             extra=fields(
                 "exhausted",
                 pool.name,
-                error=str(ex),
+                error=error(ex),
                 stats=stats,
                 holders=[vars(h) for h in holders],
                 connect_failure=None if failure is None else str(failure),

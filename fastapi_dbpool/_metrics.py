@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._log import fields
+from ._log import error, fields
 
 if TYPE_CHECKING:
     from ._connect_errors import ConnectLog
@@ -129,12 +129,12 @@ def tell(observers: list[Observer], what: str, *args: Any) -> None:
         try:
             getattr(observer, what)(*args)
         except Exception as ex:
+            why = error(ex)
             logger.warning(
-                "a metrics observer failed (%s: %s); the pool carries on. hint: check the "
+                "a metrics observer failed (%s); the pool carries on. hint: check the "
                 "OpenTelemetry SDK and exporter set-up",
-                type(ex).__name__,
-                ex,
-                extra=fields("observer_failed", args[0], error=f"{type(ex).__name__}: {ex}"),
+                why,
+                extra=fields("observer_failed", args[0], error=why),
             )
 
 

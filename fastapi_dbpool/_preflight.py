@@ -16,9 +16,9 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from . import _config, _credentials, _dsn, _failover, _pooler
+from . import _config, _credentials, _failover, _pooler
 from ._connection import run_own
-from ._log import fields
+from ._log import error, fields
 from ._state import Settings
 from .errors import PoolOpenError
 
@@ -55,8 +55,7 @@ async def preflight(
         raise PoolOpenError(
             target,
             settings.open_timeout,
-            "getting the connection's kwargs= or password failed "
-            f"({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            f"getting the connection's kwargs= or password failed ({error(ex)})",
             pool.name,
         ) from None
     try:
@@ -65,7 +64,7 @@ async def preflight(
         raise PoolOpenError(
             target,
             settings.open_timeout,
-            f"the conninfo callable failed ({type(ex).__name__}: {_dsn.scrub(str(ex))})",
+            f"the conninfo callable failed ({error(ex)})",
             pool.name,
         ) from None
     conn = await AsyncConnection.connect(resolved, **kwargs)
