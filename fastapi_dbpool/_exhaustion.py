@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from psycopg_pool import AsyncConnectionPool
-
-from ._connect_errors import ConnectLog
-from ._connection import Lease
 from ._log import error, fields
 from ._metrics import top_holders
+
+if TYPE_CHECKING:
+    from ._state import PoolRuntime
 
 logger = logging.getLogger("fastapi_dbpool")
 EVERY = 10.0  # seconds between two warnings of one pool
@@ -36,21 +34,17 @@ class ExhaustionReport:
     def __init__(self) -> None:
         self.last = -EVERY
 
-    def report(
-        self,
-        pool: AsyncConnectionPool[Any],
-        leases: Iterable[Lease],
-        connect_log: ConnectLog,
-        ex: Exception,
-    ) -> None:
-        """A checkout got no connection in time (`ex`): warn, unless warned lately."""
+    def report(self, runtime: PoolRuntime, ex: Exception) -> None:
+        """A checkout of `runtime`'s pool got no connection in time (`ex`): warn, unless
+        warned lately. Its stats count the checkouts waiting for a hand-over too."""
         now = time.monotonic()
         if now - self.last < EVERY:
             return
         self.last = now
-        stats = pool.get_stats()
-        holders = top_holders(leases, now)
-        failure = connect_log.current
+        pool = runtime.pool
+        stats = runtime.pool_stats()
+        holders = top_holders(runtime.leases, now)
+        failure = runtime.connect_log.current
         if failure is not None:  # not a busy pool: the server refuses new connections
             why, hint = f"new connections fail: {failure}", failure.hint
         else:

@@ -175,7 +175,7 @@ class PoolRuntime:
                     assert control is not None
                     raise self._ran_out(control) from ex
                 self.counters.exhausted += 1
-                self.exhaustion.report(self.pool, self.leases, self.connect_log, ex)
+                self.exhaustion.report(self, ex)
                 raise PoolExhaustedError(
                     self.pool.name, limit, self.settings.retry_after, str(ex)
                 ) from ex
