@@ -217,9 +217,7 @@ class ReadReplicas:
             while fit and lease is None:
                 runtime = fit.pop(next(self._turn) % len(fit))
                 try:
-                    lease = await runtime.acquire(
-                        for_request=True, route=route_of(connection.scope)
-                    )
+                    lease = await runtime.acquire(for_request=True, route=route)
                 except DeadlineExceededError:
                     raise
                 except DBPoolError as ex:  # down, or only busy: this request reads elsewhere
