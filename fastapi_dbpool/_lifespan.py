@@ -316,12 +316,13 @@ class DBPool:
         except BaseException:
             await _cleanup.close_pool(pool, self._settings.close_timeout)
             raise
+        stats = pool.get_stats()
         logger.info(
             "pool %r open on %s (%s)",
             pool.name,
             target,
-            pool.get_stats(),
-            extra=fields("pool_open", pool.name, target=target, stats=pool.get_stats()),
+            stats,
+            extra=fields("pool_open", pool.name, target=target, stats=stats),
         )
         return runtime
 
