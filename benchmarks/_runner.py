@@ -55,15 +55,17 @@ def served(
     log: IO[bytes] | None = None,
     prefix: Sequence[str] = (),
     startup: float = 30.0,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[int, int]]:
     """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit.
 
     Ready once `probe` answers (within `startup` seconds); yields its port and PID. `env`
     adds to the environment; `log` takes its output; `prefix` goes before the command (a
-    profiler that runs it). Every server gets the same hash seed (unless the environment
-    sets one): with a seed of its own, each process's dicts and sets collide its own way,
-    which makes one process a few per cent faster than another running the same code, for
-    as long as it runs, and that reads as a difference between contenders.
+    profiler that runs it); `cwd` is where it runs (first on its path). Every server gets
+    the same hash seed (unless the environment sets one): with a seed of its own, each
+    process's dicts and sets collide its own way, which makes one process a few per cent
+    faster than another running the same code, for as long as it runs, and that reads as a
+    difference between contenders.
     """
     port = free_port()
     proc = subprocess.Popen(
@@ -72,6 +74,7 @@ def served(
         env={"PYTHONHASHSEED": "0", **os.environ, **(env or {}), "DATABASE_URL": url},
         stdout=log,
         stderr=subprocess.STDOUT if log else None,
+        cwd=cwd,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + startup
@@ -85,7 +88,8 @@ def served(
                 time.sleep(0.1)
         yield port, proc.pid
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:  # one that died at startup is reaped already: no PID to kill
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
