@@ -13,9 +13,16 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
+import fastapi_dbpool as _package
 from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool, TransactionDep
 
 POOL_SIZE = 8
+#: The package directory a server must import (benchmarks.instructions --revisions): measuring
+#: another copy, found first on the path, would compare a version with itself.
+PACKAGE = "BENCH_PACKAGE"
+_imported = os.path.dirname(os.path.realpath(_package.__file__))
+if os.environ.get(PACKAGE) and _imported != os.path.realpath(os.environ[PACKAGE]):
+    raise RuntimeError(f"fastapi_dbpool imported from {_imported}, not from {os.environ[PACKAGE]}")
 # The loop watchdog pings the loop 40 times a second whatever the load. Under valgrind
 # (benchmarks.instructions) the server runs 50x slower, so those pings would be counted
 # 50x per request, and each batch of requests, taking over 0.1 s there, would be reported

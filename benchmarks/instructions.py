@@ -3,6 +3,7 @@
     python -m benchmarks.instructions [--set middleware|contenders|observability]
         [--requests 1500]
         [--connections 4] [--rounds 3]
+    python -m benchmarks.instructions --revisions REV [REV ...] [...]
 
 req/s on two shared cores moves by 10% from one run to the next, more than the differences
 worth knowing. Here each contender runs under uvicorn inside valgrind's callgrind (Debian's
@@ -22,6 +23,13 @@ uncontended path); 32 at a time nearly all do, but then requests last long enoug
 CancellationMiddleware to start watching for disconnects, which at real speed it seldom
 does.
 
+``--revisions`` compares the package with itself: the same app (the plain fastapi_dbpool
+contender) on fastapi_dbpool as of each git revision given, then on the working tree's, in
+interleaved rounds. Each revision's package is taken out with ``git archive`` and put first
+on its server's path, and the app refuses to start on any other copy of the package: what
+"this change costs 0.5% a request" rests on. A revision whose package the app cannot use
+(older than its ``DBPool`` arguments) fails to start.
+
 Uses ``DATABASE_URL`` or an embedded PostgreSQL; prints a table with each contender's ratio
 (the first contender's instructions per request / its own: above 1.00x is cheaper).
 """
@@ -29,6 +37,7 @@ Uses ``DATABASE_URL`` or an embedded PostgreSQL; prints a table with each conten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,10 +45,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import contenders, middleware_overhead
+from ._apps import PACKAGE
 from ._runner import add_write_option, prepare, served, write
 
 #: What fastapi_dbpool.otel's metrics cost a request (the SDK records each wait and hold).
@@ -59,6 +70,54 @@ PATHS = {
     "observability": ["/select/42"],
 }
 CONNECTIONS = 4  # latency stays well under CancellationMiddleware's 0.25 s before it watches
+REVISIONS_APP = "benchmarks._apps:fastapi_dbpool"
+REVISIONS_PATHS = ["/select/42", "/tx/42"]
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Package:
+    """Where a server imports fastapi_dbpool from: `root` holds the package. It runs in
+    `bench`, which holds only the benchmarks, so no other copy comes first on its path."""
+
+    root: Path
+    bench: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PYTHONPATH": os.pathsep.join([str(self.root), str(self.bench)]),
+            PACKAGE: str(self.root / "fastapi_dbpool"),
+        }
+
+
+@contextlib.contextmanager
+def revisions(revs: Sequence[str]) -> Iterator[list[tuple[str, Package]]]:
+    """fastapi_dbpool as of each of `revs` (``git archive``), then the working tree's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Path(tmp, "bench")
+        bench.mkdir()
+        (bench / "benchmarks").symlink_to(_REPO / "benchmarks")
+        packages = []
+        for rev in revs:
+            commit = _git("rev-parse", "--short", f"{rev}^{{commit}}").strip()
+            root = Path(tmp, commit)
+            root.mkdir(exist_ok=True)
+            archive = subprocess.run(
+                ["git", "-C", str(_REPO), "archive", commit, "fastapi_dbpool"],
+                check=True, capture_output=True,
+            ).stdout  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+            packages.append(
+                (rev if rev.startswith(commit) else f"{rev} ({commit})", Package(root, bench))
+            )
+        packages.append(("working tree", Package(_REPO, bench)))
+        yield packages
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(_REPO), *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _send(port: int, path: str, requests: int, connections: int = CONNECTIONS) -> None:
@@ -84,9 +143,15 @@ def _totals(dump: Path) -> int:
 
 
 def count(
-    factory: str, url: str, paths: Sequence[str], requests: int, connections: int = CONNECTIONS
+    factory: str,
+    url: str,
+    paths: Sequence[str],
+    requests: int,
+    connections: int = CONNECTIONS,
+    package: Package | None = None,
 ) -> dict[str, float]:
-    """Instructions per request of `factory` on each of `paths`."""
+    """Instructions per request of `factory` on each of `paths` (with `package`'s
+    fastapi_dbpool, if given)."""
     with tempfile.TemporaryDirectory() as out:
         prefix = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -96,7 +161,13 @@ def count(
         with (
             open(os.devnull, "wb") as log,
             served(
-                factory, url, env={"BENCH_WATCHDOG": "off"}, prefix=prefix, startup=300.0, log=log
+                factory,
+                url,
+                env={"BENCH_WATCHDOG": "off", **(package.env() if package else {})},
+                prefix=prefix,
+                startup=300.0,
+                log=log,
+                cwd=package.bench if package else None,
             ) as (port, pid),
         ):
             for path in paths:
@@ -121,36 +192,59 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--revisions",
+        nargs="+",
+        metavar="REV",
+        help="instead of a --set: the plain fastapi_dbpool app on the package as of each git "
+        "REV, then on the working tree's",
+    )
     add_write_option(parser)
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
-    chosen, paths = SETS[args.set], PATHS[args.set]
-    runs: dict[str, dict[str, list[float]]] = {name: {p: [] for p in paths} for name, _ in chosen}
-    with database_url() as url:
+    with database_url() as url, revisions(args.revisions or []) as packages:
+        chosen: list[tuple[str, str, Package | None]]
+        if args.revisions:
+            chosen = [(name, REVISIONS_APP, package) for name, package in packages]
+            paths = REVISIONS_PATHS
+        else:
+            chosen = [(name, factory, None) for name, factory in SETS[args.set]]
+            paths = PATHS[args.set]
+        runs: dict[str, dict[str, list[float]]] = {
+            name: {p: [] for p in paths} for name, _, _ in chosen
+        }
         prepare(url)
         for _ in range(args.rounds):
-            for name, factory in chosen:
-                for path, n in count(factory, url, paths, args.requests, args.connections).items():
+            for name, factory, package in chosen:
+                per_request = count(factory, url, paths, args.requests, args.connections, package)
+                for path, n in per_request.items():
                     runs[name][path].append(n)
     median = {name: {p: statistics.median(ns) for p, ns in by.items()} for name, by in runs.items()}
     first = chosen[0][0]
+    # a change of the package is judged in per cent (a bound such as "under 1%")
+    last = "change" if args.revisions else "ratio"
     lines = [
         f"callgrind under uvicorn (1 worker, httptools), {args.requests} requests per endpoint, "
         f"{args.connections} at a time, {args.rounds} interleaved rounds; instructions per "
-        f"request: the median, and the lowest to the highest round; ratio = {first}'s median "
-        "/ the contender's",
+        "request: the median, and the lowest to the highest round; "
+        + (
+            f"change = the median against {first}'s"
+            if args.revisions
+            else f"ratio = {first}'s median / the contender's"
+        ),
         "",
-        "| endpoint | contender | instructions/request | rounds | ratio |",
+        f"| endpoint | contender | instructions/request | rounds | {last} |",
         "|---|---|---:|---:|---:|",
     ]
     for path in paths:
-        for name, _ in chosen:
+        for name, _, _ in chosen:
             ns = runs[name][path]
             ratio = median[first][path] / median[name][path]
+            shown = f"{1 / ratio - 1:+.1%}" if args.revisions else f"{ratio:.2f}x"
             lines.append(
                 f"| {path} | {name} | {median[name][path]:,.0f} | {min(ns):,.0f} to "
-                f"{max(ns):,.0f} | {ratio:.2f}x |"
+                f"{max(ns):,.0f} | {shown} |"
             )
     table = "\n".join(lines)
     print(table)
