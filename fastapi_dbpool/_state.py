@@ -1,11 +1,10 @@
-"""A running pool: the loop check, checkout and release of leases."""
+"""A running pool: the loop check and checkout of leases (their release: `_release`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
-import select
 import threading
 import time
 import weakref
@@ -14,7 +13,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from . import _cleanup, _failover
@@ -25,15 +23,15 @@ from ._connection import (
     LeaseState,
     request_lease,
     request_lease_of,
-    run_own,
 )
 from ._deadline import RequestControl, apply_statement_timeout, current_control, timeout_fits
 from ._exhaustion import ExhaustionReport
 from ._hand_over import WaitingLine
+from ._liveness import alive
 from ._log import fields
 from ._metrics import Counters, Observer
 from ._pinned import Pinned
-from ._pool_internals import queued_in, return_now, stale
+from ._release import Releases
 from ._watchdog import LoopWatchdog
 from .errors import (
     ConfigurationError,
@@ -61,7 +59,7 @@ class Settings:
     writable: bool = False
 
 
-class PoolRuntime:
+class PoolRuntime(Releases):
     """One opened pool, bound to the event loop that opened it."""
 
     def __init__(
@@ -193,8 +191,8 @@ class PoolRuntime:
                 else:
                     control.hold(lease)
             try:
-                alive = not conn.closed if self.pinned is not None else await _alive(conn)
-                if alive:
+                usable = not conn.closed if self.pinned is not None else await alive(conn)
+                if usable:
                     if self.session_timeouts:
                         await self._bound_session(conn, control)
                     if for_request:
@@ -253,27 +251,6 @@ class PoolRuntime:
         self.out += 1
         return conn
 
-    def _hand_over(self, conn: GuardedConnection) -> bool:
-        """Give `conn` to the first waiting checkout, if there is one and `conn` may go as is."""
-        if self.closing or not _cleanup.ready_for_next(conn) or stale(self.pool, conn):
-            return False
-        return self.line.answer_first(conn)
-
-    def _pass_on(self, conn: GuardedConnection) -> None:
-        """A connection handed to a checkout that was cancelled before it could take it."""
-        if not self._hand_over(conn):
-            self._given_back(conn)
-            self._give_back_later(conn)
-
-    def _given_back(self, conn: GuardedConnection, *, wake: bool = True) -> None:
-        """`conn` is on its way back to psycopg_pool: a waiter may ask it now (`wake`)."""
-        self.out -= 1
-        if wake:
-            self.line.wake_one()
-        if conn._dbpool_returned_to is not self:  # see `returned`
-            conn._dbpool_returned_to = self
-            self.returned.add(conn)
-
     @asynccontextmanager
     async def lease(
         self,
@@ -297,101 +274,3 @@ class PoolRuntime:
         """A block holding one of this pool's connections raised `exc`."""
         if self.settings.writable:
             _failover.saw(self.pool, exc)
-
-    async def release(self, lease: Lease) -> None:
-        """Give `lease`'s connection back to the pool; shielded, bounded, never raises."""
-        if lease.state is not LeaseState.ACTIVE:
-            return
-        lease.state = LeaseState.RELEASING
-        self.counters.held(time.monotonic() - lease.since, lease.route)
-        conn = lease.conn
-        try:
-            if self.pinned is not None:
-                healthy = await self.pinned.give_back(self.settings.release_timeout)
-            elif self.line.waiters and queued_in(self.pool):
-                # checkouts that waited longer, inside psycopg_pool, are served first; the
-                # ones waiting here are told once that queue is empty (or one of it fails)
-                self._given_back(conn, wake=False)
-                healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
-            elif self.line.waiters and self._hand_over(conn):
-                healthy = True
-            else:
-                self._given_back(conn)
-                if (
-                    self.direct_return
-                    and _cleanup.ready_for_next(conn)
-                    and return_now(self.pool, conn)
-                ):
-                    healthy = True
-                else:
-                    healthy = await _cleanup.give_back(
-                        self.pool, conn, self.settings.release_timeout
-                    )
-            if not healthy:
-                self.counters.discarded_on_release += 1
-        except asyncio.CancelledError:
-            if self.pinned is not None:
-                raise  # its lock is released; the test's final ROLLBACK discards the rest
-            # A plain task.cancel() goes through anyio's shield, which holds off only anyio's
-            # own cancellation. putconn() does not await (DBPool always sets a reset), so
-            # the connection was not handed back yet: finish in a task of its own.
-            self._give_back_later(conn)
-            raise
-        finally:
-            if conn._dbpool_lease is lease:
-                conn._dbpool_lease = None
-            lease.state = LeaseState.ENDED
-            self.leases.discard(lease)
-            control = lease.control
-            if control is not None:
-                if control.lease is lease:  # control.drop(), for the request's one lease
-                    control.lease = None
-                else:
-                    control.drop(lease)
-            # The request's context keeps its lease (see request_lease) and outlives it in
-            # whatever copied it (every timer psycopg starts): keep that small and acyclic.
-            lease.task = lease.control = None
-
-    def _give_back_later(self, conn: GuardedConnection) -> None:
-        task = self.loop.create_task(
-            _cleanup.give_back(self.pool, conn, self.settings.release_timeout),
-            name=f"{self.pool.name}-give-back",
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(self._count_late_give_back)
-
-    def _count_late_give_back(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None and not task.result():
-            self.counters.discarded_on_release += 1
-
-
-async def _alive(conn: GuardedConnection) -> bool:
-    """Whether `conn` is fit to hand out, at the cost of a round trip only when in doubt.
-
-    An idle connection has nothing to read. A terminated backend leaves its socket
-    readable (an error, then end of file): only then is the server asked.
-    """
-    pgconn = conn.pgconn
-    if conn.closed or pgconn.status != ConnStatus.OK:
-        return False
-    if pgconn.transaction_status != TransactionStatus.IDLE:
-        return False
-    if not _readable(conn):
-        return True
-    try:
-        await run_own(conn, "")
-    except Exception:
-        return False
-    return not conn.closed and pgconn.transaction_status == TransactionStatus.IDLE
-
-
-def _readable(conn: GuardedConnection) -> bool:
-    poller = conn._dbpool_poller
-    if poller is None:
-        if not hasattr(select, "poll"):  # select.select() fails for descriptors over 1023
-            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-            return bool(readable)
-        poller = conn._dbpool_poller = select.poll()  # the socket is the same for life
-        poller.register(conn.pgconn.socket, select.POLLIN)
-    return bool(poller.poll(0))
