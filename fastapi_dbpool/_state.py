@@ -179,6 +179,13 @@ class PoolRuntime(Releases):
                 ) from ex
             except PoolClosed as ex:
                 raise PoolNotRunningError("the pool is closed") from ex
+            except asyncio.CancelledError:
+                # CancellationMiddleware's cut and this wait's PoolTimeout come due at the same
+                # deadline on timers of their own, and the cut may come first: the deadline
+                # ran out here all the same (not counted again as a cut).
+                if by_deadline and control is not None and time.monotonic() >= control.deadline:
+                    self._ran_out(control)
+                raise
             assert isinstance(conn, GuardedConnection)
             lease = Lease(
                 conn, task, shared, self.settings.release_timeout, control, stream, self, route
