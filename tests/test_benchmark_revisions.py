@@ -26,6 +26,10 @@ def test_each_revision_is_served_from_its_own_copy(database_url: str) -> None:
         assert head.root != REPO
         assert (head.root / "fastapi_dbpool" / "__init__.py").is_file()
         assert not (head.bench / "fastapi_dbpool").exists()  # where the servers run
+        # the working tree's is a copy too, served the same way as every revision
+        assert tree.root != REPO
+        copied = (tree.root / "fastapi_dbpool" / "_state.py").read_text()
+        assert copied == (REPO / "fastapi_dbpool" / "_state.py").read_text()
         # The app checks, at import, that it got the package it was given: it starts...
         for package in (head, tree):
             with served(REVISIONS_APP, database_url, env=package.env(), cwd=package.bench):
