@@ -101,13 +101,10 @@ def revisions(revs: Sequence[str]) -> Iterator[list[tuple[str, Package]]]:
         (bench / "benchmarks").symlink_to(_REPO / "benchmarks")
         packages = []
         for rev in revs:
-            commit = _git("rev-parse", "--short", f"{rev}^{{commit}}").strip()
+            commit = _git("rev-parse", "--short", f"{rev}^{{commit}}").decode().strip()
             root = Path(tmp, commit)
             root.mkdir(exist_ok=True)
-            archive = subprocess.run(
-                ["git", "-C", str(_REPO), "archive", commit, "fastapi_dbpool"],
-                check=True, capture_output=True,
-            ).stdout  # fmt: skip
+            archive = _git("archive", commit, "fastapi_dbpool")
             subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
             packages.append(
                 (rev if rev.startswith(commit) else f"{rev} ({commit})", Package(root, bench))
@@ -123,10 +120,8 @@ def revisions(revs: Sequence[str]) -> Iterator[list[tuple[str, Package]]]:
         yield packages
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(_REPO), *args], check=True, capture_output=True, text=True
-    ).stdout
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(_REPO), *args], check=True, capture_output=True).stdout
 
 
 def _send(port: int, path: str, requests: int, connections: int = CONNECTIONS) -> None:
@@ -212,7 +207,11 @@ def main() -> None:
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
-    with database_url() as url, revisions(args.revisions or []) as packages:
+    # no revisions: nothing to take out of git or copy
+    found: contextlib.AbstractContextManager[list[tuple[str, Package]]] = (
+        revisions(args.revisions) if args.revisions else contextlib.nullcontext([])
+    )
+    with database_url() as url, found as packages:
         chosen: list[tuple[str, str, Package | None]]
         if args.revisions:
             chosen = [(name, REVISIONS_APP, package) for name, package in packages]
