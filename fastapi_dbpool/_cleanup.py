@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -22,14 +23,14 @@ from psycopg.abc import PQGen
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from . import _pool_internals, _wait
+from . import _network, _pool_internals, _wait
 from ._log import error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
 RV = TypeVar("RV")
 _IDLE = TransactionStatus.IDLE
 _ACTIVE = TransactionStatus.ACTIVE
-_RECANCEL_FIRST, _RECANCEL_MAX = 0.05, 0.5
+_RECANCEL_FIRST, _RECANCEL_MAX, _RECANCEL_FAST = 0.05, 0.5, 0.05
 HINT_BROKEN = (
     "hint: the connection was broken (server restart, network, pg_terminate_backend); the "
     "pool replaces it; look further only if this repeats"
@@ -63,34 +64,38 @@ async def cancel_running_query(
 
     Called when the task awaiting the query was cancelled. psycopg does the same, but
     unshielded: under anyio its own cancel request is cancelled, the connection closed and
-    the query left running on the server. Here it finishes, or the connection is closed.
-    Without `send_cancel` (the middleware has just cancelled this query), the first
-    cancel request is not sent again.
+    the query left running on the server. Here it finishes, or the connection is closed:
+    at once if the cancel request cannot be delivered (`cancel_on_server`), else when the
+    drain outlasts `timeout`. Without `send_cancel` (the middleware has just sent one for
+    this query), no cancel request is sent here unless that one was delivered and the
+    statement still runs (see `_repeating_cancel`).
     """
     with anyio.move_on_after(timeout, shield=True) as scope:
         try:
-            if send_cancel:
-                await conn.cancel_safe(timeout=timeout)
+            if send_cancel and not await cancel_on_server(conn, timeout):
+                return
             async with _repeating_cancel(conn, timeout):
                 await waiting.wait_async(gen, conn.pgconn.socket, interval=interval)
         except psycopg.errors.QueryCanceled:
             pass
         except Exception as ex:
-            logger.warning(
-                "cancelling a query of a cancelled request failed (%s: %s); closing its "
-                "connection. %s",
-                type(ex).__name__,
-                ex,
-                _HINT_SLOW,
-                extra=fields("cancel_failed", error=error(ex)),
-            )
-            close_now(conn)
+            if not conn.closed:  # else closed by an undeliverable cancel, already logged
+                logger.warning(
+                    "cancelling a query of a cancelled request failed (%s); closing its "
+                    "connection. %s",
+                    error(ex),
+                    _HINT_SLOW,
+                    extra=fields("cancel_failed", error=error(ex)),
+                )
+                close_now(conn)
     if scope.cancelled_caught:
         logger.warning(
             "a query of a cancelled request was not stopped within %.1fs; closing its "
             "connection. %s",
             timeout,
-            _HINT_SLOW,
+            _network.HINT_NETWORK
+            if _network.silence_of(conn).silent_for() is not None
+            else _HINT_SLOW,
             extra=fields("cancel_slow", timeout_seconds=timeout),
         )
         close_now(conn)
@@ -102,7 +107,10 @@ async def _repeating_cancel(conn: AsyncConnection[Any], timeout: float) -> Async
 
     A cancel request that reaches the server before the statement does finds the backend
     idle and is ignored; the statement then runs to its end. No other statement can start
-    on `conn` while it is drained, so a repeated request can only hit this one.
+    on `conn` while it is drained, so a repeated request can only hit this one. That race
+    needs the cancel to travel faster than the statement, which a cancel, on a TCP
+    connection of its own, only does on a fast link: once one took `_RECANCEL_FAST` or
+    longer to deliver, none is repeated (a slow link would pay a handshake each time).
     """
     drained = asyncio.Event()
 
@@ -112,14 +120,12 @@ async def _repeating_cancel(conn: AsyncConnection[Any], timeout: float) -> Async
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(drained.wait(), delay)
                 return
-            try:
-                await conn.cancel_safe(timeout=timeout)
-            except Exception as ex:
-                logger.debug(
-                    "repeating a cancel request failed: %r",
-                    ex,
-                    extra=fields("recancel_failed", error=error(ex)),
-                )
+            pending = getattr(conn, "_dbpool_cancel_done", None)
+            if pending is not None and not pending.is_set():
+                continue  # the first request is still on its way
+            if getattr(conn, "_dbpool_cancel_took", 0.0) >= _RECANCEL_FAST or conn.closed:
+                return
+            if not await cancel_on_server(conn, timeout):
                 return
             delay = min(delay * 2, _RECANCEL_MAX)
 
@@ -270,31 +276,47 @@ async def _putconn(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -
         return False
 
 
-async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> None:
+async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> bool:
     """Ask PostgreSQL to stop the statement `conn` is running, if any; never raises.
 
     The task awaiting that statement gets `QueryCanceled` and keeps a usable connection.
     A cancel request names a backend, not a statement: until it has been delivered, the
     connection is not reset or handed to anyone else (see `_make_idle`), or it could cancel
-    the next user's statement.
+    the next user's statement. A cancel request that cannot be delivered within `timeout`
+    (a partition, a frozen server: it travels on a new TCP connection) means the
+    connection cannot be reached either: it is closed at once, which also ends the wait of
+    the task on it, and the server is recorded as silent (`_network`). Returns whether
+    the request was delivered (or nothing was running).
     """
     done = anyio.Event()
     setattr(conn, "_dbpool_cancel_done", done)  # noqa: B010 (a GuardedConnection slot)
+    silence: _network.Silence | None = None
+    delivered = False
+    failure: Exception | None = None
     try:
         with anyio.move_on_after(timeout, shield=True):
             try:
                 if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                    silence = _network.silence_of(conn)
+                    silence.cancel_sent(id(done))
+                    started = time.monotonic()
                     await conn.cancel_safe(timeout=timeout)
+                    setattr(conn, "_dbpool_cancel_took", time.monotonic() - started)  # noqa: B010
+                delivered = True
             except Exception as ex:
-                logger.warning(
-                    "could not cancel a query on the server (%s: %s). %s",
-                    type(ex).__name__,
-                    ex,
-                    _HINT_SLOW,
-                    extra=fields("server_cancel_failed", error=error(ex)),
-                )
+                failure = ex
     finally:
         done.set()
+        if silence is not None:
+            silence.cancel_ended(id(done))
+    if silence is None:
+        return delivered
+    if delivered:
+        silence.answered()
+    elif not conn.closed:
+        silence.cancel_failed(failure, timeout)
+        close_now(conn)
+    return delivered
 
 
 async def cancel_and_close(conn: AsyncConnection[Any], timeout: float) -> None:

@@ -9,6 +9,7 @@ then cancels the request's own scope; the pool's shielded release does the rest.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 
@@ -20,8 +21,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._clock import Clock
 from ._deadline import current_control
 from ._env import positive_seconds
+from ._log import error, fields
 from ._watcher import Watcher, send_json
 from .errors import ConfigurationError
+
+logger = logging.getLogger("fastapi_dbpool")
 
 
 class CancellationMiddleware:
@@ -98,6 +102,17 @@ class CancellationMiddleware:
                 except (QueryCanceled, ClientDisconnect):
                     if not watcher.was_cut():
                         raise
+                except Exception as ex:
+                    # What a cut request raises on its way out (a connection closed under
+                    # it because its server stopped answering) is the cut's own doing: the
+                    # client has its answer, and a traceback would only mislead.
+                    if watcher.stopping is None:
+                        raise
+                    logger.debug(
+                        "a cut request raised %s",
+                        error(ex),
+                        extra=fields("cut_raised", error=error(ex)),
+                    )
         except BaseException:
             watcher.end()
             raise

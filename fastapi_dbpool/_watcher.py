@@ -9,7 +9,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
@@ -21,7 +21,7 @@ from ._deadline import RequestControl
 from ._log import error, fields
 from ._metrics import route_of
 from ._registry import find_runtime
-from .errors import DEADLINE_DETAIL
+from .errors import COMMIT_UNKNOWN_DETAIL, DEADLINE_DETAIL
 
 if TYPE_CHECKING:
     from ._state import PoolRuntime
@@ -30,8 +30,11 @@ logger = logging.getLogger("fastapi_dbpool")
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _WATCH_AFTER = 0.25  # a request still running after this is watched for a disconnect
 _MAX_AHEAD = 64  # messages read ahead of the app, whatever their size
-_stoppers: set[asyncio.Task[None]] = set()  # referenced until done (the loop holds weak refs)
+_stoppers: set[asyncio.Task[Any]] = set()  # referenced until done (the loop holds weak refs)
 _ENDED_SCOPE: Scope = {"type": "http"}
+#: how long past the deadline a COMMIT the server has not answered yet is waited for
+COMMIT_GRACE = 0.5
+_CANCEL_GRACE = 0.005  # how long the 504 waits for cancel requests to land (a fast link's)
 
 
 async def _ended_receive() -> Message:
@@ -70,6 +73,7 @@ class Watcher(RequestControl):
     __slots__ = (
         "cancel_scope",
         "clock",
+        "commit_unanswered",
         "complete",
         "cut_pools",
         "disconnected",
@@ -106,6 +110,7 @@ class Watcher(RequestControl):
         self.loop = clock.loop
         self.cancel_scope: anyio.CancelScope | None = cancel_scope
         self.started = self.complete = self.disconnected = self.reading = False
+        self.commit_unanswered = False  # cut while the server had not answered its COMMIT
         self.watch_at = self.start + _WATCH_AFTER
         self.pump: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None  # made when watching starts: most requests end before
@@ -209,7 +214,13 @@ class Watcher(RequestControl):
         if self.stopping is not None or self.complete or not self.active:
             return
         if reason == "deadline" and self.committing:
-            return  # the handler returned and its COMMIT is under way: let the response out
+            # The handler returned and its COMMIT is under way: let the response out, unless
+            # the server has not answered the COMMIT within the grace (a partition).
+            if time.monotonic() < self.deadline + COMMIT_GRACE:
+                self._leave_clock()
+                self.slot = self.clock.add(self.deadline + COMMIT_GRACE, self)
+                return
+            self.commit_unanswered = True
         self.stopping = reason
         self._stop_watching()
         logger.info(
@@ -230,16 +241,43 @@ class Watcher(RequestControl):
         stopper.add_done_callback(_stoppers.discard)
 
     async def _cancel(self) -> None:
-        """Server first: stop each running statement in PostgreSQL, then cancel the handler."""
+        """Server first, then the handler, then the client: all at the deadline.
+
+        Each running statement's cancel request is sent in a task of its own, and the
+        handler is cancelled at once; its shielded release settles each connection later
+        (drained and reused, or closed when its cancel cannot be delivered: see
+        `_cleanup`). The 504 goes out when the cancel requests have landed or after
+        `_CANCEL_GRACE`, whichever is first, so that a silent network never delays it.
+        """
         scope = self.cancel_scope  # the request may end, and drop it, while this waits
         held = self.held()
         self.cut_pools = {lease.runtime for lease in held if lease.runtime is not None}
+        cancels = []
         for lease in held:
             if lease.state is LeaseState.ACTIVE:
-                lease.conn._dbpool_cancelled_gen = lease.conn._dbpool_gen
-                await _cleanup.cancel_on_server(lease.conn, lease.cleanup_timeout)
+                conn = lease.conn
+                conn._dbpool_cancelled_gen = conn._dbpool_gen
+                cancels.append(
+                    self.loop.create_task(_cleanup.cancel_on_server(conn, lease.cleanup_timeout))
+                )
+        for task in cancels:
+            _stoppers.add(task)
+            task.add_done_callback(_stoppers.discard)
+        if cancels:
+            await asyncio.wait(cancels, timeout=_CANCEL_GRACE)
         if scope is not None:
             scope.cancel()
+        if not self.started and not self.complete and self.stopping == "deadline":
+            self.complete = True  # answered here: the app's own sends are dropped
+            try:
+                detail = COMMIT_UNKNOWN_DETAIL if self.commit_unanswered else DEADLINE_DETAIL
+                await send_json(self.real_send, 504, detail)
+            except Exception as ex:  # the client went away meanwhile
+                logger.debug(
+                    "the 504 could not be sent: %r",
+                    ex,
+                    extra=fields("answer_failed", error=error(ex)),
+                )
 
     # -- receive: every message reaches the app, in order; the middleware only looks ---------
 

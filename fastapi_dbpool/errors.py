@@ -9,6 +9,8 @@
     ├── PoolOpenError           startup could not reach PostgreSQL in time
     ├── PoolExhaustedError      no connection within the acquire timeout (an HTTP 503)
     ├── DeadlineExceededError   the request's deadline ran out (an HTTP 504)
+    ├── ConnectionLostError     the connection broke under a statement (an HTTP 503); also
+    │                           a psycopg.OperationalError, as psycopg would have raised
     ├── SessionStateError       a session-level statement refused behind a transaction pooler
     └── ConnectionMisuseError   a connection used outside the request and task it belongs to
         ├── ConnectionReleasedError   used after its request ended
@@ -20,11 +22,13 @@ Messages say what happened and what to do; none contains a password.
 
 from __future__ import annotations
 
+import psycopg
 from starlette.exceptions import HTTPException
 
 __all__ = [
     "ConfigurationError",
     "ConnectionInUseError",
+    "ConnectionLostError",
     "ConnectionMisuseError",
     "ConnectionReleasedError",
     "DBPoolError",
@@ -43,6 +47,10 @@ _USE_OWN_CONNECTION = (
 )
 
 DEADLINE_DETAIL = "The request did not complete within its deadline."
+COMMIT_UNKNOWN_DETAIL = (
+    "The request did not complete within its deadline: the database did not answer its "
+    "COMMIT, so whether the transaction was committed is unknown."
+)
 
 
 class DBPoolError(Exception):
@@ -131,6 +139,31 @@ class DeadlineExceededError(DBPoolError, HTTPException):
 
     def __str__(self) -> str:
         return f"{self.status_code}: {self.detail}"
+
+
+class ConnectionLostError(DBPoolError, HTTPException, psycopg.OperationalError):
+    """The connection broke under a statement: served as 503 with Retry-After.
+
+    A socket timeout (libpq's ``tcp_user_timeout``, keepalives), a reset, a server that
+    went away: the statement's outcome is unknown and the connection is replaced. It is a
+    ``psycopg.OperationalError`` too, with psycopg's error as its cause, so code that
+    catches psycopg's error keeps working; uncaught, the client gets 503, not 500.
+    """
+
+    def __init__(self, target: str, retry_after: int, cause: BaseException) -> None:
+        self.target = target
+        message = f"the connection to {target} broke under a statement: {cause}"
+        DBPoolError.__init__(self, message)
+        psycopg.OperationalError.__init__(self, message)
+        HTTPException.__init__(
+            self,
+            status_code=503,
+            detail="The connection to the database was lost. Retry later.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class SessionStateError(DBPoolError, RuntimeError):
