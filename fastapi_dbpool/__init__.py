@@ -27,6 +27,7 @@ from ._replicas import ReadReplicas
 from .errors import (
     ConfigurationError,
     ConnectionInUseError,
+    ConnectionLostError,
     ConnectionMisuseError,
     ConnectionReleasedError,
     DBPoolError,
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionDep",
     "ConnectionInUseError",
+    "ConnectionLostError",
     "ConnectionMisuseError",
     "ConnectionReleasedError",
     "DBPool",

@@ -15,14 +15,19 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg import AsyncConnection, AsyncCursor
+from psycopg import AsyncConnection, AsyncCursor, OperationalError
 from psycopg.abc import PQGen
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
-from . import _cleanup, _wait
+from . import _cleanup, _network, _wait
 from ._connect_errors import RecordingConnect
-from .errors import ConfigurationError, ConnectionInUseError, ConnectionReleasedError
+from .errors import (
+    ConfigurationError,
+    ConnectionInUseError,
+    ConnectionLostError,
+    ConnectionReleasedError,
+)
 
 if TYPE_CHECKING:
     from ._deadline import RequestControl
@@ -192,6 +197,20 @@ class GuardedConnection(AsyncConnection[Any]):
                     send_cancel=self._dbpool_cancelled_gen is not gen,
                 )
             raise
+        except OperationalError as ex:
+            # a broken connection (status BAD), not a statement's own error (QueryCanceled...)
+            if self.pgconn.status == ConnStatus.OK or isinstance(ex, ConnectionLostError):
+                raise
+            raise self._dbpool_lost(ex) from ex
+
+    def _dbpool_lost(self, ex: OperationalError) -> ConnectionLostError:
+        silence = _network.silence_of(self)
+        silence.connection_lost(ex)
+        target = silence.target
+        lease = self._dbpool_lease
+        runtime = lease.runtime if lease is not None else None
+        retry_after = runtime.settings.retry_after if runtime is not None else 1
+        return ConnectionLostError(target, retry_after, ex)
 
     async def close(self) -> None:
         await super().close()
