@@ -26,6 +26,9 @@ OURS = {
 #: burst's connections go back to the server for other workers and the next deploy.
 #: psycopg_pool's own default is 600 s.
 MAX_IDLE = 60.0
+#: Seconds one connection attempt keeps trying while the server is unreachable (see
+#: `_connect_errors.RecordingConnect`).
+RETRY_WINDOW = 60.0
 
 
 def pool_kwargs(
@@ -69,7 +72,9 @@ def pool_kwargs(
     guarded = guarded_class(kwargs.get("connection_class", AsyncConnection))
     cls = _pooler.pooler_class(guarded) if transaction_pooler else guarded
     on_connect = _failover.refuse_read_only if writable else None
-    kwargs["connection_class"] = recording_class(cls, connect_log, on_connect)
+    # a connect() that keeps trying through an outage gives up well before psycopg_pool does
+    window = min(float(kwargs.get("reconnect_timeout", 300.0)) / 2, RETRY_WINDOW)
+    kwargs["connection_class"] = recording_class(cls, connect_log, on_connect, window)
     if kwargs.get("check") is not None:
         kwargs["check"] = _outside_requests(kwargs["check"])
     # With a reset callback, psycopg_pool's putconn() queues the return for its own

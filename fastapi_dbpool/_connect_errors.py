@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
 
-from . import _dsn
+from . import _dsn, _network
 from ._metrics import Histogram, Observer, tell
 
 #: cause -> substrings of libpq's or PostgreSQL's message that identify it (lower case)
@@ -39,6 +40,11 @@ _CAUSES = (
     ("dns", ("could not translate host name", "name or service not known")),
     ("refused", ("connection refused", "no such file or directory")),
     ("timeout", ("timeout expired", "timed out")),
+    ("starting_up", ("the database system is starting up", "the database system is shutting")),
+    (
+        "network",
+        ("no route to host", "network is unreachable", "connection reset", "server closed the"),
+    ),
 )
 #: cause -> what an operator can do about it
 HINTS = {
@@ -52,6 +58,9 @@ HINTS = {
     "dns": "the host name does not resolve: check the host in the connection string",
     "refused": "nothing listens at the server's address: is PostgreSQL (or the pooler) up?",
     "timeout": "the server did not answer in time: check the network and connect_timeout",
+    "starting_up": "the server is starting up or shutting down: connections are retried",
+    "network": "the network between the app and the server fails: check routes, firewalls "
+    "and the server's host",
     "other": "new connections fail: see the error",
 }
 CAUSES = (*(cause for cause, _ in _CAUSES), "other")
@@ -87,6 +96,7 @@ class ConnectLog:
     def __init__(self, pool: str, observers: list[Observer]) -> None:
         self.pool = pool
         self.observers = observers  # the DBPool's (see _metrics)
+        self.silence = _network.Silence()  # whether its server stopped answering
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +115,7 @@ class ConnectLog:
 
     def succeeded(self, seconds: float) -> None:
         self.failing = False
+        self.silence.answered()
         self.created.add(seconds)
         if self.observers:
             tell(self.observers, "created", self.pool, seconds)
@@ -122,16 +133,33 @@ class RecordingConnect:
     #: a check of each new connection that raises to refuse it (see `_failover`)
     _dbpool_on_connect: ClassVar[Callable[[Any], Awaitable[None]] | None] = None
 
+    #: how long one ``connect()`` keeps trying again while the failure is transient
+    _dbpool_retry_window: ClassVar[float] = 60.0
+
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        """psycopg's connect, with dead-peer defaults, recorded, tried again while transient.
+
+        A transient failure (refused, timed out, starting up: `_network.TRANSIENT`) is tried
+        again as soon as the server accepts TCP connections, for up to
+        ``_dbpool_retry_window`` seconds, so that psycopg_pool's backoff does not pile up
+        during an outage and delay service long after the server is back.
+        """
+        params = conninfo_to_dict(conninfo)
+        kwargs = _network.with_dead_peer_defaults(params, kwargs)
         started = time.monotonic()
-        try:
-            conn = await super().connect(conninfo, **kwargs)  # type: ignore[misc]
-            if cls._dbpool_on_connect is not None:
-                await cls._dbpool_on_connect(conn)
-        except Exception as ex:
-            cls._dbpool_connect_log.failed(ex)
-            raise
+        give_up = started + cls._dbpool_retry_window
+        while True:
+            try:
+                conn = await super().connect(conninfo, **kwargs)  # type: ignore[misc]
+                if cls._dbpool_on_connect is not None:
+                    await cls._dbpool_on_connect(conn)
+                break
+            except Exception as ex:
+                cls._dbpool_connect_log.failed(ex)
+                if classify(ex) not in _network.TRANSIENT or time.monotonic() >= give_up:
+                    raise
+                await _network.until_reachable({**params, **kwargs}, give_up)
         cls._dbpool_connect_log.succeeded(time.monotonic() - started)
         return conn
 
@@ -140,8 +168,13 @@ def recording_class(
     cls: type[AsyncConnection[Any]],
     log: ConnectLog,
     on_connect: Callable[[Any], Awaitable[None]] | None = None,
+    retry_window: float = 60.0,
 ) -> type[Any]:
     """A subclass of `cls` whose connection attempts are recorded in `log` (one per pool),
     each new connection refused if `on_connect` raises."""
-    namespace = {"_dbpool_connect_log": log, "_dbpool_on_connect": on_connect}
+    namespace = {
+        "_dbpool_connect_log": log,
+        "_dbpool_on_connect": on_connect,
+        "_dbpool_retry_window": retry_window,
+    }
     return type(cls.__name__, (RecordingConnect, cls), namespace)
