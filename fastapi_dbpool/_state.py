@@ -97,6 +97,7 @@ class PoolRuntime(Releases):
         # psycopg_pool's idle deque, without its worker task (see _pool_internals).
         self.direct_return = False
         self.out = 0  # connections psycopg_pool handed to us and we have not given back
+        self.round_trip = 0.0  # seconds, the fastest first statement of a new connection
         self.line = WaitingLine(self.loop, pool.name, self._pass_on)
 
     def pool_stats(self) -> dict[str, int]:
@@ -221,14 +222,28 @@ class PoolRuntime(Releases):
             await self.release(lease)
 
     async def _bound_session(self, conn: GuardedConnection, control: RequestControl | None) -> None:
-        """The request's deadline as `conn`'s statement_timeout, or the session's own back."""
-        left = math.inf  # no deadline, or no longer obeyed (the response ended)
+        """The request's budget as `conn`'s statement_timeout, or the session's own back.
+
+        The budget, not what is left of it: requests of one route then share one setting,
+        and a connection pays no SET round trip per request (on a slow link that round trip
+        is what the deadline has to spare). The middleware's cancel still stops a statement
+        at the deadline; statement_timeout is the bound where nothing else acts. A request
+        left with less time than a round trip fails now (504), before it sends anything.
+        """
+        budget = math.inf  # no deadline, or no longer obeyed (the response ended)
         if control is not None and control.active:
-            left = control.deadline - time.monotonic()
-        if left != math.inf:
-            left = max(left, 0.0)
-            if not timeout_fits(conn, left):
-                await apply_statement_timeout(conn, left)
+            budget = control.deadline - control.start
+        if budget != math.inf:
+            assert control is not None
+            if control.deadline - time.monotonic() < self.round_trip:
+                raise self._ran_out(control)
+            if not timeout_fits(conn, budget):
+                first = conn._dbpool_base_timeout_ms is None
+                started = time.monotonic()
+                await apply_statement_timeout(conn, budget)
+                if first:  # a read of the session's setting and a SET: two round trips
+                    took = (time.monotonic() - started) / 2
+                    self.round_trip = took if not self.round_trip else min(self.round_trip, took)
         elif conn._dbpool_timeout_ms != conn._dbpool_base_timeout_ms:
             await apply_statement_timeout(conn, None)
 
