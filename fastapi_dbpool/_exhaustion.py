@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ._log import error, fields
 from ._metrics import top_holders
+from ._network import HINT_NETWORK, TRANSIENT
 
 if TYPE_CHECKING:
     from ._state import PoolRuntime
@@ -45,7 +46,11 @@ class ExhaustionReport:
         stats = runtime.pool_stats()
         holders = top_holders(runtime.leases, now)
         failure = runtime.connect_log.current
-        if failure is not None:  # not a busy pool: the server refuses new connections
+        silent = runtime.connect_log.silence.describe()
+        if silent is not None and (failure is None or failure.cause in TRANSIENT):
+            # not a busy pool: the server stopped answering
+            why, hint = silent, HINT_NETWORK.removeprefix("hint: ")
+        elif failure is not None:  # not a busy pool: the server refuses new connections
             why, hint = f"new connections fail: {failure}", failure.hint
         else:
             held_by = ", ".join(

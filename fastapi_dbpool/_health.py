@@ -9,7 +9,7 @@ import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from . import _dsn, _failover
+from . import _dsn, _failover, _network
 from ._registry import Pools, find_pools
 from ._state import PoolRuntime
 from .errors import DBPoolError
@@ -114,6 +114,9 @@ async def _unready_reason(runtime: PoolRuntime, timeout: float) -> str | None:
                 return f"the database did not answer: {_dsn.scrub(str(ex).strip())}"
     except DBPoolError:
         failure = runtime.connect_log.current
+        silent = runtime.connect_log.silence.describe()
+        if silent is not None and (failure is None or failure.cause in _network.TRANSIENT):
+            return f"no connection within {timeout:g}s: {silent}"
         if failure is not None:
             return f"no connection within {timeout:g}s: new connections fail: {failure}"
         return f"no connection within {timeout:g}s"

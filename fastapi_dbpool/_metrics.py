@@ -194,7 +194,10 @@ class PoolStats:
     route template (``"/items/{item_id}"``; `NO_ROUTE` for checkouts outside a route).
     ``holders``: the routes holding the most connections now (`Holder`). ``replica_lag_seconds``:
     a replica's of `ReadReplicas`, as last measured (None: not a replica, unreachable,
-    or promoted).
+    or promoted). A server that stops answering (see docs/network.md): ``cancel_failures``
+    (cancel requests not delivered, each connection closed), ``connections_lost``
+    (connections that broke under a statement, answered 503), and ``silent_server``: why
+    the server is taken as silent (naming its ``host:port``), or None while it answers.
     """
 
     name: str
@@ -225,6 +228,9 @@ class PoolStats:
     routes: dict[str, RouteStats]
     holders: tuple[Holder, ...]
     replica_lag_seconds: float | None = None
+    cancel_failures: int = 0
+    connections_lost: int = 0
+    silent_server: str | None = None
 
 
 def snapshot(
@@ -280,4 +286,7 @@ def snapshot(
         },
         holders=top_holders(list(leases), time.monotonic()),
         replica_lag_seconds=replica_lag,
+        cancel_failures=connect_log.silence.cancel_failures,
+        connections_lost=connect_log.silence.connections_lost,
+        silent_server=connect_log.silence.describe(),
     )

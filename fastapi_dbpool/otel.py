@@ -229,6 +229,11 @@ _COUNTERS: list[tuple[str, str, str, Callable[[PoolStats], int]]] = [
     ("fastapi_dbpool.connection.errors", "{attempt}",
      "Failed attempts to open a connection (psycopg_pool's count)",
      lambda s: s.connection_errors),
+    ("fastapi_dbpool.connection.cancel_failures", "{request}",
+     "Cancel requests that could not be delivered (the server stopped answering)",
+     lambda s: s.cancel_failures),
+    ("fastapi_dbpool.connection.lost", "{connection}",
+     "Connections that broke under a statement (503)", lambda s: s.connections_lost),
     ("fastapi_dbpool.loop.stalls", "{stall}",
      "Times the event loop was blocked past the watchdog's threshold", lambda s: s.loop_stalls),
 ]  # fmt: skip

@@ -137,6 +137,10 @@ class DBPoolCollector(Collector):
                       lambda s: s.discarded_on_release)  # fmt: skip
         yield counter("connection_errors", "Failed attempts to open a connection.",
                       lambda s: s.connection_errors)  # fmt: skip
+        yield counter("cancel_failures", "Cancel requests that could not be delivered (the "
+                      "server stopped answering).", lambda s: s.cancel_failures)  # fmt: skip
+        yield counter("connections_lost", "Connections that broke under a statement (503).",
+                      lambda s: s.connections_lost)  # fmt: skip
         by_cause = CounterMetricFamily(
             _PREFIX + "connection_failures",
             "Failed attempts to open a connection, by cause (the package's count).",
