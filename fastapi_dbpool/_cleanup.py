@@ -276,7 +276,9 @@ async def _putconn(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -
         return False
 
 
-async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> bool:
+async def cancel_on_server(
+    conn: AsyncConnection[Any], timeout: float, *, after: float = 0.0
+) -> bool:
     """Ask PostgreSQL to stop the statement `conn` is running, if any; never raises.
 
     The task awaiting that statement gets `QueryCanceled` and keeps a usable connection.
@@ -286,7 +288,10 @@ async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> bool:
     (a partition, a frozen server: it travels on a new TCP connection) means the
     connection cannot be reached either: it is closed at once, which also ends the wait of
     the task on it, and the server is recorded as silent (`_network`). Returns whether
-    the request was delivered (or nothing was running).
+    the request was delivered (or nothing was running). With `after` (a round trip to the
+    server), the statement first has that long to end by itself: on a slow link a short
+    statement's result lands before a cancel request could, and the cancel's handshake
+    would hold the connection for nothing.
     """
     done = anyio.Event()
     setattr(conn, "_dbpool_cancel_done", done)  # noqa: B010 (a GuardedConnection slot)
@@ -296,6 +301,8 @@ async def cancel_on_server(conn: AsyncConnection[Any], timeout: float) -> bool:
     try:
         with anyio.move_on_after(timeout, shield=True):
             try:
+                if after and _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                    await asyncio.sleep(after)
                 if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
                     silence = _network.silence_of(conn)
                     silence.cancel_sent(id(done))

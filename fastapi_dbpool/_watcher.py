@@ -257,8 +257,11 @@ class Watcher(RequestControl):
             if lease.state is LeaseState.ACTIVE:
                 conn = lease.conn
                 conn._dbpool_cancelled_gen = conn._dbpool_gen
+                after = lease.runtime.round_trip if lease.runtime is not None else 0.0
                 cancels.append(
-                    self.loop.create_task(_cleanup.cancel_on_server(conn, lease.cleanup_timeout))
+                    self.loop.create_task(
+                        _cleanup.cancel_on_server(conn, lease.cleanup_timeout, after=after)
+                    )
                 )
         for task in cancels:
             _stoppers.add(task)

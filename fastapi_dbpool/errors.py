@@ -16,7 +16,8 @@
         ├── ConnectionReleasedError   used after its request ended
         └── ConnectionInUseError      used by a second task while its request holds it
 
-psycopg's own errors (a failing query, a failed COMMIT) pass through unwrapped.
+psycopg's own errors (a failing query, a failed COMMIT) pass through unwrapped, but for a
+broken connection's: `ConnectionLostError` is a psycopg.OperationalError too.
 Messages say what happened and what to do; none contains a password.
 """
 
