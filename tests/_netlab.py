@@ -105,6 +105,10 @@ class Server:
                 f"fsync = off\nlisten_addresses = '127.0.0.1'\nport = {PG_PORT}\n"
                 f"unix_socket_directories = '{self.node.socket_dir}'\nmax_connections = 100\n"
                 "log_min_messages = fatal\n"
+                # as docs/network.md advises, shorter for the test's time: the backends
+                # of connections abandoned in a partition end instead of staying for 2 h
+                "tcp_keepalives_idle = 2\ntcp_keepalives_interval = 1\n"
+                "tcp_keepalives_count = 2\n"
             )
         _run(
             _bin("pg_ctl"), "-D", str(self.node.pgdata), "-w", "-t", "30", "-l",
