@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg import AsyncConnection, AsyncCursor, OperationalError
 from psycopg.abc import PQGen
-from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
 from . import _cleanup, _network, _wait
@@ -198,8 +198,9 @@ class GuardedConnection(AsyncConnection[Any]):
                 )
             raise
         except OperationalError as ex:
-            # a broken connection (status BAD), not a statement's own error (QueryCanceled...)
-            if self.pgconn.status == ConnStatus.OK or isinstance(ex, ConnectionLostError):
+            # a broken connection, not a statement's own error (QueryCanceled...) nor one
+            # closed on purpose
+            if not self.broken or isinstance(ex, ConnectionLostError):
                 raise
             raise self._dbpool_lost(ex) from ex
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -55,6 +57,9 @@ async def wait(gen: PQGen[RV], conn: AsyncConnection[Any]) -> RV:
     Raises psycopg's ``OperationalError("connection socket closed")`` if `conn` is closed
     while the task waits.
     """
+    # First, as psycopg's own wait does: on a closed connection the generator would find no
+    # result and end, so that a stream, say, would stop short instead of raising.
+    fileno = conn.pgconn.socket
     try:
         state = next(gen)
     except StopIteration as ex:
@@ -65,7 +70,6 @@ async def wait(gen: PQGen[RV], conn: AsyncConnection[Any]) -> RV:
         result: RV = ex.value
         return result
 
-    fileno = conn.pgconn.socket
     loop = asyncio.get_running_loop()
     sweep = _sweep_for(loop)
     ready = 0
@@ -124,8 +128,10 @@ async def wait(gen: PQGen[RV], conn: AsyncConnection[Any]) -> RV:
                     loop.remove_reader(fileno)
                 if registered & _WAIT_W:
                     loop.remove_writer(fileno)
-            if ready == _GONE:
-                raise errors.OperationalError("connection socket closed")
+            if ready == _GONE:  # with an OSError as its cause, as psycopg's own
+                raise errors.OperationalError("connection socket closed") from OSError(
+                    errno.EBADF, os.strerror(errno.EBADF)
+                )
             state = gen.send(ready)
     except OSError as ex:
         raise errors.OperationalError("connection socket closed") from ex

@@ -100,6 +100,8 @@ async def test_a_connection_closed_under_a_waiting_statement_wakes_it(
         async with asyncio.timeout(3):  # before pg_sleep(5) could end it
             error = await waiter
         assert isinstance(error, psycopg.OperationalError), repr(error)
+        if close == "close":  # "connection socket closed", with psycopg's OSError cause
+            assert isinstance(error.__cause__, OSError), repr(error.__cause__)
         # The pool replaces the connection and keeps serving; so do new connections, which
         # may get the closed one's descriptor number.
         async with db.connection(timeout=5) as again:
@@ -129,3 +131,26 @@ async def test_waits_share_one_sweep_and_leave_nothing_behind(
         assert 1 <= len(timers) <= elapsed / _wait.SWEEP_INTERVAL + 1
         assert set(timers) == {_wait.SWEEP_INTERVAL}
         assert conn not in _wait._sweep_for(asyncio.get_running_loop()).waits
+
+
+@pytest.mark.parametrize("how", ["close", "finish"])
+async def test_a_stream_on_a_connection_closed_under_it_raises_never_ends_short(
+    database_url: str, app_name: str, how: str
+) -> None:
+    """The fast wait ran psycopg's generator before it asked for the socket, as psycopg's
+    own wait does first: on a closed connection the generator found no more results, and
+    `cursor.stream()` ended after 1 row of 3 without an error (psycopg's test_stream_close)."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()), db.connection() as conn:
+        rows = []
+        with pytest.raises(psycopg.OperationalError):
+            async for row in conn.cursor().stream("SELECT generate_series(1, 3)"):
+                rows.append(row)
+                if how == "close":
+                    await conn.close()
+                else:
+                    conn.pgconn.finish()
+        assert rows == [(1,)]
+        with pytest.raises(psycopg.OperationalError):  # psycopg's error, not "can't change"
+            await conn.set_autocommit(False)
+
