@@ -23,7 +23,7 @@ from psycopg.abc import PQGen
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from . import _network, _pool_internals, _wait
+from . import _fast_paths, _network, _pool_internals, _wait
 from ._log import error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -195,6 +195,8 @@ def _blocks_open(conn: AsyncConnection[Any]) -> bool:
     Such a block would leave psycopg's bookkeeping wrong for the next user. A psycopg that
     keeps no such private record counts as none open, as psycopg_pool itself assumes.
     """
+    if not _fast_paths.ENABLED:
+        return False
     return bool(getattr(conn, "_num_transactions", 0)) or (
         getattr(conn, "_pipeline", None) is not None
     )

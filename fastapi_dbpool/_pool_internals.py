@@ -24,6 +24,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from . import _fast_paths
 from ._log import fields
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -31,7 +32,7 @@ logger = logging.getLogger("fastapi_dbpool")
 
 def can_return_now(pool: AsyncConnectionPool[Any]) -> bool:
     """Whether this psycopg_pool keeps the bookkeeping `return_now` relies on."""
-    return (
+    return _fast_paths.ENABLED and (
         isinstance(getattr(pool, "_pool", None), deque)
         and isinstance(getattr(pool, "_waiting", None), deque)
         and isinstance(getattr(pool, "_lock", None), asyncio.Lock)

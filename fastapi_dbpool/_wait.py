@@ -35,10 +35,16 @@ from psycopg import AsyncConnection, errors, waiting
 from psycopg.abc import RV, PQGen
 from psycopg.pq import ConnStatus
 
+from . import _fast_paths
+
 _ready: Any = getattr(waiting, "_ready", None)  # a zero-timeout poll of the socket
-SUPPORTED = _ready is not None and all(
-    hasattr(waiting, name)
-    for name in ("WAIT_R", "WAIT_W", "READY_R", "READY_W", "MAX_BUSY_TIME", "_last_yield")
+SUPPORTED = (
+    _fast_paths.ENABLED
+    and _ready is not None
+    and all(
+        hasattr(waiting, name)
+        for name in ("WAIT_R", "WAIT_W", "READY_R", "READY_W", "MAX_BUSY_TIME", "_last_yield")
+    )
 )
 if SUPPORTED:
     _WAIT_R, _WAIT_W = waiting.WAIT_R, waiting.WAIT_W
