@@ -15,7 +15,7 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg import AsyncConnection, AsyncCursor, OperationalError
+from psycopg import AsyncConnection, AsyncCursor, OperationalError, waiting
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
@@ -42,6 +42,14 @@ FAST_WAIT = _wait.SUPPORTED and list(_WAIT_PARAMS) == ["self", "gen", "interval"
 _interval = getattr(_WAIT_PARAMS.get("interval"), "default", None)
 # how often psycopg checks on a waiting statement (0.1 s in every release so far)
 _WAIT_INTERVAL: float = _interval if isinstance(_interval, float) else 0.1
+# Without the fast wait: psycopg's own socket wait, the one its AsyncConnection.wait calls,
+# with the package's cancellation handling around it instead of psycopg's, which is not
+# shielded (under anyio its cancel request is cancelled, and the connection closed).
+PLAIN_WAIT = list(inspect.signature(waiting.wait_async).parameters)[:3] == [
+    "gen",
+    "fileno",
+    "interval",
+]
 #: Bound on each cleanup step when no DBPool setting applies (DBPool's release_timeout default).
 CLEANUP_TIMEOUT = 5.0
 
@@ -181,8 +189,12 @@ class GuardedConnection(AsyncConnection[Any]):
             await self._dbpool_cancel_done.wait()
         self._dbpool_gen = gen
         try:
-            if FAST_WAIT and not args and kwargs.get("timeout") is None:
-                return await _wait.wait(gen, self)
+            if not args and kwargs.get("timeout") is None:
+                if FAST_WAIT:
+                    return await _wait.wait(gen, self)
+                if PLAIN_WAIT:
+                    fileno = self.pgconn.socket
+                    return await waiting.wait_async(gen, fileno, interval=_WAIT_INTERVAL)
             return await super().wait(gen, *args, **kwargs)
         except _INTERRUPTED:
             # psycopg's own wait may have stopped the query already; if not, do it shielded

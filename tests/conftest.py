@@ -15,8 +15,14 @@ import pytest
 from fastapi import FastAPI
 
 from benchmarks import _pgbouncer
-from fastapi_dbpool import DBPool, testing
+from fastapi_dbpool import DBPool, _fast_paths, testing
 from fastapi_dbpool._credentials import Source
+
+#: a test of a fast path itself (that it is taken, what it saves): the guarantees' tests run
+#: either way, and CI runs the whole suite with FASTAPI_DBPOOL_FAST_PATHS=0 too
+needs_fast_paths = pytest.mark.skipif(
+    not _fast_paths.ENABLED, reason=f"tests a fast path, turned off by {_fast_paths.ENV}=0"
+)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from fastapi_dbpool import (
     ConnectionReleasedError,
     DBPool,
     PoolOpenError,
+    _fast_paths,
     deadline,
     health_router,
     lifespan,
@@ -87,7 +88,11 @@ async def test_each_pool_serves_its_own_dependencies(database_url: str, app_name
         assert ready["status"] == "ready"
         assert set(ready["pools"]) == {a.name, b.name}
         assert list(state or {}) == ["fastapi_dbpool"]  # one key, whatever the pool count
-        assert a.stats().pool_size == b.stats().pool_size == 1
+        if _fast_paths.ENABLED:
+            assert a.stats().pool_size == b.stats().pool_size == 1
+        else:  # psycopg_pool's own return goes through a task: the next request may grow it
+            assert a.stats().pool_size <= 2
+            assert b.stats().pool_size <= 2
 
 
 async def test_the_module_level_aliases_refuse_to_guess(database_url: str, app_name: str) -> None:

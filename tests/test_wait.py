@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from fastapi_dbpool import _connection, _wait
+from fastapi_dbpool import _connection, _fast_paths, _wait
 
-from .conftest import Server, make_db, timers_started
+from .conftest import Server, make_db, needs_fast_paths, timers_started
 
 pytestmark = pytest.mark.anyio
 
@@ -62,6 +62,8 @@ async def test_pipeline_mode_copy_and_notifies_run_through_the_same_waits(
 def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each scenario on the package's own wait and on psycopg's, its fallback."""
     if request.param == "fast":
+        if not _fast_paths.ENABLED:
+            pytest.skip(f"the fast wait is turned off by {_fast_paths.ENV}=0")
         assert _connection.FAST_WAIT, "the installed psycopg no longer takes the fast wait"
     else:
         monkeypatch.setattr(_connection, "FAST_WAIT", False)
@@ -112,6 +114,7 @@ async def test_a_connection_closed_under_a_waiting_statement_wakes_it(
     assert await asyncio.to_thread(server.wait_until, lambda s: s == [], 15) == []
 
 
+@needs_fast_paths
 async def test_waits_share_one_sweep_and_leave_nothing_behind(
     database_url: str, app_name: str
 ) -> None:
@@ -142,15 +145,18 @@ async def test_a_stream_on_a_connection_closed_under_it_raises_never_ends_short(
     `cursor.stream()` ended after 1 row of 3 without an error (psycopg's test_stream_close)."""
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     async with db.lifespan(FastAPI()), db.connection() as conn:
-        rows = []
-        with pytest.raises(psycopg.OperationalError):
+        rows: list[Any] = []
+
+        async def stream() -> None:
             async for row in conn.cursor().stream("SELECT generate_series(1, 3)"):
                 rows.append(row)
                 if how == "close":
                     await conn.close()
                 else:
                     conn.pgconn.finish()
+
+        with pytest.raises(psycopg.OperationalError):
+            await stream()
         assert rows == [(1,)]
         with pytest.raises(psycopg.OperationalError):  # psycopg's error, not "can't change"
             await conn.set_autocommit(False)
-
