@@ -151,11 +151,31 @@ class ConnectionLostError(DBPoolError, HTTPException, psycopg.OperationalError):
     catches psycopg's error keeps working; uncaught, the client gets 503, not 500.
     """
 
+    def __new__(cls, target: str, retry_after: int, cause: BaseException) -> ConnectionLostError:
+        # Also of psycopg's own class (AdminShutdown, ...): `except` clauses naming it still
+        # catch it, and its sqlstate and diag are psycopg's.
+        own = type(cause)
+        if (
+            cls is ConnectionLostError
+            and issubclass(own, psycopg.OperationalError)
+            and own is not psycopg.OperationalError
+        ):
+            found = _lost_classes.get(own)
+            if found is None:
+                found = _lost_classes[own] = type(cls.__name__, (cls, own), {})
+            cls = found
+        return super().__new__(cls)
+
     def __init__(self, target: str, retry_after: int, cause: BaseException) -> None:
         self.target = target
         message = f"the connection to {target} broke under a statement: {cause}"
         DBPoolError.__init__(self, message)
-        psycopg.OperationalError.__init__(self, message)
+        if isinstance(cause, psycopg.Error):
+            psycopg.OperationalError.__init__(
+                self, message, info=cause.pgresult, pgconn=cause.pgconn
+            )
+        else:
+            psycopg.OperationalError.__init__(self, message)
         HTTPException.__init__(
             self,
             status_code=503,
@@ -165,6 +185,9 @@ class ConnectionLostError(DBPoolError, HTTPException, psycopg.OperationalError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+_lost_classes: dict[type[BaseException], type[ConnectionLostError]] = {}
 
 
 class SessionStateError(DBPoolError, RuntimeError):

@@ -91,6 +91,9 @@ async def test_a_connection_broken_under_a_statement_is_a_503_not_a_500(
         (error,) = caught
         assert isinstance(error, ConnectionLostError)
         assert isinstance(error.__cause__, psycopg.OperationalError)
+        # psycopg's own class and sqlstate too: `except AdminShutdown` still catches it
+        assert isinstance(error, psycopg.errors.AdminShutdown)
+        assert error.sqlstate == "57P01"
         stats = db.stats()
         assert stats.connections_lost == 2
         assert (await client.get("/nothing")).status_code == 404  # the app still serves
