@@ -13,12 +13,13 @@ from typing import Any
 
 import anyio
 import psycopg
+import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _cleanup, _config, _credentials, _dsn, _env, _pinned, _pooler
+from . import _cleanup, _config, _credentials, _dsn, _env, _fast_paths, _pinned, _pooler
 from ._connect_errors import ConnectLog
-from ._connection import CLEANUP_TIMEOUT, check_connects_as
+from ._connection import CLEANUP_TIMEOUT, FAST_WAIT, check_connects_as
 from ._dependencies import PoolDependencies
 from ._log import fields
 from ._metrics import Observer, PoolStats, snapshot
@@ -301,6 +302,10 @@ class DBPool:
                 runtime.direct_return = ours and can_return_now(pool)
                 no_check = self._pool_kwargs.get("check") is None
                 runtime.hand_over = runtime.direct_return and no_check
+                _fast_paths.check_taken(
+                    {"the timer-less wait": FAST_WAIT, "the direct return": can_return_now(pool)},
+                    {"psycopg": psycopg, "psycopg_pool": psycopg_pool},
+                )
                 if bound is not None:
                     runtime.loop_hint = bound.hint
                     if bound.isolate:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import psycopg_pool
 import pytest
 from fastapi import FastAPI
 
@@ -18,11 +20,31 @@ from benchmarks import _pgbouncer
 from fastapi_dbpool import DBPool, _fast_paths, testing
 from fastapi_dbpool._credentials import Source
 
-#: a test of a fast path itself (that it is taken, what it saves): the guarantees' tests run
-#: either way, and CI runs the whole suite with FASTAPI_DBPOOL_FAST_PATHS=0 too
-needs_fast_paths = pytest.mark.skipif(
-    not _fast_paths.ENABLED, reason=f"tests a fast path, turned off by {_fast_paths.ENV}=0"
-)
+
+def _release(module: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", module.__version__)[:3])
+
+
+#: The first releases with the internals each fast path reads (docs/compatibility.md): on
+#: an older one a fast path is absent by design; on a newer one, its absence is a failure.
+FAST_WAIT_SINCE = (3, 3, 9)  # psycopg: waiting._ready, _last_yield, MAX_BUSY_TIME
+POOL_INTERNALS_SINCE = (3, 3, 0)  # psycopg_pool: _drained_at and the idle deque's fields
+
+
+def _needs(since: tuple[int, ...], module: Any) -> pytest.MarkDecorator:
+    """Skip a test of a fast path itself (that it is taken, what it saves) where it is off or
+    absent: the guarantees' tests run either way, and CI runs the whole suite with
+    FASTAPI_DBPOOL_FAST_PATHS=0 and on the oldest releases too."""
+    if not _fast_paths.ENABLED:
+        return pytest.mark.skipif(True, reason=f"fast paths turned off by {_fast_paths.ENV}=0")
+    old = _release(module) < since
+    return pytest.mark.skipif(
+        old, reason=f"{module.__name__} {module.__version__} predates this fast path"
+    )
+
+
+needs_fast_wait = _needs(FAST_WAIT_SINCE, psycopg)
+needs_pool_internals = _needs(POOL_INTERNALS_SINCE, psycopg_pool)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ async def wait_without_interval(self: Any, gen: Any, *, timeout: float | None = 
 
 
 AsyncConnection.wait = wait_without_interval  # type: ignore[assignment]
-del waiting._ready
+if hasattr(waiting, "_ready"):  # absent before psycopg 3.3.9 already
+    del waiting._ready
 pool_init = psycopg_pool.AsyncConnectionPool.__init__
 
 

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi_dbpool import DBPool
 from fastapi_dbpool._pool_internals import can_return_now
 
-from .conftest import Server, make_db, needs_fast_paths, pid_of
+from .conftest import Server, make_db, needs_pool_internals, pid_of
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +23,7 @@ def _idle_in_pool(db: DBPool) -> int:
     return db.pool.get_stats().get("pool_available", 0)
 
 
-@needs_fast_paths
+@needs_pool_internals
 async def test_the_installed_psycopg_pool_takes_direct_returns(
     database_url: str, app_name: str
 ) -> None:
@@ -34,7 +34,7 @@ async def test_the_installed_psycopg_pool_takes_direct_returns(
         assert can_return_now(db.pool)
 
 
-@needs_fast_paths
+@needs_pool_internals
 async def test_a_clean_connection_is_idle_in_the_pool_when_its_release_returns(
     database_url: str, app_name: str, server: Server
 ) -> None:

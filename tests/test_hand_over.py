@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import DBPool, PoolNotRunningError
 
-from .conftest import Server, make_db, needs_fast_paths, pid_of, timers_started
+from .conftest import Server, make_db, needs_pool_internals, pid_of, timers_started
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +155,7 @@ async def test_a_users_reset_sees_every_return(database_url: str, app_name: str)
     assert resets[:1] == [pid]
 
 
-@needs_fast_paths
+@needs_pool_internals
 async def test_waits_for_a_hand_over_share_one_timer(
     database_url: str, app_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,9 +10,9 @@ import anyio
 import pytest
 from fastapi import FastAPI
 
-from fastapi_dbpool import ConnectionDep, _fast_paths, _lifespan
+from fastapi_dbpool import ConnectionDep, _lifespan
 
-from .conftest import Server, make_db, serve
+from .conftest import Server, make_db, needs_pool_internals, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -28,8 +28,8 @@ async def test_a_bursts_connections_go_back_to_the_server(
     server: Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if ours and not _fast_paths.ENABLED:
-        pytest.skip(f"the prompt idle release is turned off by {_fast_paths.ENV}=0")
+    if ours and needs_pool_internals.args[0]:
+        pytest.skip(needs_pool_internals.kwargs["reason"])
     if not ours:  # the control: what a psycopg_pool laid out otherwise does
         monkeypatch.setattr(_lifespan, "release_idle_promptly", lambda pool: False)
     db = make_db(database_url, app_name, min_size=1, max_size=BURST, max_idle=MAX_IDLE)

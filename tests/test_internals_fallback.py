@@ -6,6 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
+import psycopg_pool
+
+from fastapi_dbpool import _fast_paths
+
+modules = {"psycopg": psycopg, "psycopg_pool": psycopg_pool}
+
 
 def test_the_package_imports_and_serves_on_psycopgs_own_paths(database_url: str) -> None:
     script = Path(__file__).with_name("fallback_app.py")
@@ -20,3 +27,7 @@ def test_the_package_imports_and_serves_on_psycopgs_own_paths(database_url: str)
     assert lines[-1] == "ok"
     assert "cancelled: CancelledError" in lines
     assert "same backend: True" in lines  # the cancelled query was stopped, not its connection
+    # a release that should have the internals and lacks them is named once, at open
+    for name, module, since in _fast_paths.SINCE:
+        expected = 1 if _fast_paths._release(modules[module].__version__) >= since else 0
+        assert done.stderr.count(f"lacks the internals of {name}") == expected, done.stderr

@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from fastapi_dbpool import _connection, _fast_paths, _wait
+from fastapi_dbpool import _connection, _wait
 
-from .conftest import Server, make_db, needs_fast_paths, timers_started
+from .conftest import Server, make_db, needs_fast_wait, timers_started
 
 pytestmark = pytest.mark.anyio
 
@@ -62,8 +62,8 @@ async def test_pipeline_mode_copy_and_notifies_run_through_the_same_waits(
 def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each scenario on the package's own wait and on psycopg's, its fallback."""
     if request.param == "fast":
-        if not _fast_paths.ENABLED:
-            pytest.skip(f"the fast wait is turned off by {_fast_paths.ENV}=0")
+        if not _connection.FAST_WAIT and needs_fast_wait.args[0]:
+            pytest.skip(needs_fast_wait.kwargs["reason"])
         assert _connection.FAST_WAIT, "the installed psycopg no longer takes the fast wait"
     else:
         monkeypatch.setattr(_connection, "FAST_WAIT", False)
@@ -114,7 +114,7 @@ async def test_a_connection_closed_under_a_waiting_statement_wakes_it(
     assert await asyncio.to_thread(server.wait_until, lambda s: s == [], 15) == []
 
 
-@needs_fast_paths
+@needs_fast_wait
 async def test_waits_share_one_sweep_and_leave_nothing_behind(
     database_url: str, app_name: str
 ) -> None:
