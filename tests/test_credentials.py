@@ -26,15 +26,20 @@ from .conftest import Server, make_db, serve
 
 pytestmark = pytest.mark.anyio
 
+# Passwords no temporary path or role name can contain by chance (a socket directory
+# named "dbpool-pg-uonefn2v" once held "one").
+FIRST = "pw-first-Q7xK"
+SECOND = "pw-second-M3zR"
+
 
 @pytest.fixture
 def role(server: Server, app_name: str, database_url: str) -> Iterator[str]:
-    """A LOGIN role with password 'one', which PostgreSQL asks for (scram-sha-256)."""
+    """A LOGIN role with password FIRST, which PostgreSQL asks for (scram-sha-256)."""
     (hba_file,) = server.query("SHOW hba_file")[0]
     if not os.access(hba_file, os.W_OK):
         pytest.skip(f"the server's pg_hba.conf ({hba_file}) is not writable from here")
     original = Path(hba_file).read_text()
-    server.query(f"CREATE ROLE {app_name} LOGIN PASSWORD 'one'")
+    server.query(f"CREATE ROLE {app_name} LOGIN PASSWORD '{FIRST}'")
     Path(hba_file).write_text(f"local all {app_name} scram-sha-256\n{original}")
     server.query("SELECT pg_reload_conf()")
     try:
@@ -90,8 +95,8 @@ async def rotate_under_load(
 
         async def rotate() -> float:
             await asyncio.sleep(1.0)
-            server.query(f"ALTER ROLE {role} PASSWORD 'two'")
-            await asyncio.to_thread(secret.write_text, "two\n")  # the store publishes it
+            server.query(f"ALTER ROLE {role} PASSWORD '{SECOND}'")
+            await asyncio.to_thread(secret.write_text, f"{SECOND}\n")  # the store publishes it
             in_place = time.monotonic() - start
             await asyncio.sleep(0.5)
             server.query(
@@ -110,10 +115,10 @@ async def test_a_rotated_password_file_is_used_from_the_next_connection(
     database_url: str, app_name: str, role: str, server: Server, tmp_path: Path
 ) -> None:
     secret = tmp_path / "db-password"
-    secret.write_text("one\n")
+    secret.write_text(f"{FIRST}\n")
     url = make_conninfo(database_url, user=role)
     db = make_db(url, app_name, password=PasswordFile(secret), min_size=2, max_size=4)
-    assert "one" not in repr(db)
+    assert FIRST not in repr(db)
 
     results, in_place, before = await rotate_under_load(db, server, role, secret)
     assert len(results) == 120
@@ -134,7 +139,7 @@ async def test_a_password_read_once_fails_after_rotation_and_says_why(
     db = make_db(
         make_conninfo(database_url, user=role),
         app_name,
-        password="one",
+        password=FIRST,
         min_size=2,
         max_size=4,
         acquire_timeout=0.3,
@@ -145,8 +150,8 @@ async def test_a_password_read_once_fails_after_rotation_and_says_why(
     assert set(late) == {503}
     assert db._connect_log.last is not None
     assert db._connect_log.last.cause == "authentication"
-    assert "two" not in str(db._connect_log.last)
-    assert "one" not in str(db._connect_log.last)
+    assert SECOND not in str(db._connect_log.last)
+    assert FIRST not in str(db._connect_log.last)
 
 
 async def test_callable_sources_sync_and_async(database_url: str, app_name: str, role: str) -> None:
@@ -154,13 +159,13 @@ async def test_callable_sources_sync_and_async(database_url: str, app_name: str,
 
     async def iam_token() -> str:  # a cloud IAM token: fetched for each connection
         calls.append("token")
-        return "one"
+        return FIRST
 
     def conninfo() -> str:
         calls.append("conninfo")
         return make_conninfo(database_url, user=role)
 
-    sources: list[tuple[Source, Source]] = [(conninfo, iam_token), (conninfo, lambda: "one")]
+    sources: list[tuple[Source, Source]] = [(conninfo, iam_token), (conninfo, lambda: FIRST)]
     for conninfo_source, password in sources:
         calls.clear()
         db = make_db(conninfo_source, app_name, password=password, min_size=2)
