@@ -23,8 +23,23 @@ INSERT = "INSERT INTO bench_log (item_id) VALUES "
 
 def psycopg_pool_baseline() -> FastAPI:
     """psycopg_pool hand-wired as psycopg's docs show: a lifespan and a yield dependency."""
+    return _psycopg_recipe(tuned=False)
+
+
+def psycopg_pool_autocommit() -> FastAPI:
+    """The same recipe tuned as its readers would: autocommit connections (a read is one
+    statement, not BEGIN/SELECT/COMMIT) and a dependency that ends with the endpoint
+    (``scope="function"``), so that the connection is back before the response is sent."""
+    return _psycopg_recipe(tuned=True)
+
+
+def _psycopg_recipe(tuned: bool) -> FastAPI:
     pool = AsyncConnectionPool(
-        os.environ["DATABASE_URL"], open=False, min_size=POOL_SIZE, max_size=POOL_SIZE
+        os.environ["DATABASE_URL"],
+        open=False,
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        kwargs={"autocommit": True} if tuned else None,
     )
 
     @asynccontextmanager
@@ -37,7 +52,9 @@ def psycopg_pool_baseline() -> FastAPI:
         async with pool.connection() as conn:
             yield conn
 
-    Conn = Annotated[AsyncConnection[Any], Depends(get_conn)]
+    # as the docs show it: FastAPI's default scope, cleanup after the response is sent
+    dependency = Depends(get_conn, scope="function") if tuned else Depends(get_conn)
+    Conn = Annotated[AsyncConnection[Any], dependency]
     app = FastAPI(lifespan=lifespan)
 
     @app.get("/select/{item_id}")

@@ -56,9 +56,9 @@ class PgBouncer:
 
 
 @contextlib.contextmanager
-def running(server_url: str, pool_size: int = POOL_SIZE) -> Iterator[PgBouncer]:
+def running(server_url: str, pool_size: int = POOL_SIZE, settings: str = "") -> Iterator[PgBouncer]:
     """PgBouncer in transaction mode for every database of `server_url`'s server, with
-    `pool_size` server connections per database and user.
+    `pool_size` server connections per database and user, and `settings` (ini lines).
 
     It listens on 127.0.0.1 only and is stopped by its PID. As root it runs as the user
     that owns PostgreSQL's socket directory (PgBouncer refuses to run as root).
@@ -89,7 +89,7 @@ pool_mode = transaction
 default_pool_size = {pool_size}
 max_client_conn = 2000
 server_login_retry = 1
-""",
+{settings}""",
     }
     for name, text in files.items():
         with open(os.path.join(workdir, name), "w") as f:

@@ -22,6 +22,7 @@ from ._runner import cli
 
 CONTENDERS = [
     ("psycopg_pool, as its docs show", "benchmarks._peers:psycopg_pool_baseline"),
+    ("psycopg_pool, autocommit, scope=function", "benchmarks._peers:psycopg_pool_autocommit"),
     ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
     ("fastapi_dbpool + CancellationMiddleware", "benchmarks._apps:fastapi_dbpool_middleware"),
     ("SQLAlchemy 2 async + asyncpg", "benchmarks._peers:sqlalchemy_asyncpg"),

@@ -1,6 +1,6 @@
 """Instructions per request under real uvicorn, counted by callgrind: a cost that load barely moves.
 
-    python -m benchmarks.instructions [--set middleware|contenders|observability]
+    python -m benchmarks.instructions [--set middleware|contenders|observability|fast-paths]
         [--requests 1500]
         [--connections 4] [--rounds 3]
     python -m benchmarks.instructions --revisions REV [REV ...] [...]
@@ -60,13 +60,21 @@ OBSERVABILITY = [
     ("+ otel.instrument(), OpenTelemetry SDK", "benchmarks._apps:fastapi_dbpool_otel"),
     ("+ otel.instrument(histograms=False)", "benchmarks._apps:fastapi_dbpool_otel_no_histograms"),
 ]
+#: What the fast paths save: the same app with all of them (the default) and with none.
+FAST_PATHS = [
+    ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
+    ("fastapi_dbpool, FASTAPI_DBPOOL_FAST_PATHS=0", "benchmarks._public_path:fastapi_dbpool"),
+    ("raw asyncpg pool", "benchmarks._peers:raw_asyncpg"),
+]
 SETS = {
     "middleware": middleware_overhead.CONTENDERS,
+    "fast-paths": FAST_PATHS,
     "contenders": contenders.CONTENDERS,
     "observability": OBSERVABILITY,
 }
 PATHS = {
     "middleware": ["/select/42", "/nodb"],
+    "fast-paths": ["/select/42", "/tx/42"],
     "contenders": ["/select/42", "/tx/42", "/nodb"],
     "observability": ["/select/42"],
 }

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
@@ -29,7 +29,7 @@ from fastapi_dbpool import (
     deadline,
     health_router,
 )
-from fastapi_dbpool.prometheus import DBPoolCollector
+from fastapi_dbpool.prometheus import DBPoolCollector, metrics_router
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -68,7 +68,7 @@ def create_app(db: DBPool, *replicas: DBPool) -> FastAPI:
     app.include_router(health_router())
     registry = CollectorRegistry()
     registry.register(DBPoolCollector(db, *replicas))
-    app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(metrics_router(registry))
     # a READ ONLY transaction, on a replica when one is fit
     ReadDep = Annotated[AsyncConnection[Any], Depends(reader.get_read_transaction)]
 

@@ -10,6 +10,8 @@
 """
 
 from ._credentials import PasswordFile
+from ._database_errors import handle_database_errors
+from ._dbpool import DBPool
 from ._deadline import deadline
 from ._dependencies import (
     ConnectionDep,
@@ -20,7 +22,7 @@ from ._dependencies import (
     get_transaction,
 )
 from ._health import health_router
-from ._lifespan import DBPool, lifespan
+from ._lifespan import lifespan
 from ._metrics import Holder, PoolStats, RouteStats
 from ._middleware import CancellationMiddleware
 from ._replicas import ReadReplicas
@@ -66,6 +68,7 @@ __all__ = [
     "get_connection",
     "get_stream_transaction",
     "get_transaction",
+    "handle_database_errors",
     "health_router",
     "lifespan",
 ]

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from psycopg.abc import PQGen
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from . import _fast_paths, _network, _pool_internals, _wait
+from . import _cancel_request, _fast_paths, _network, _pool_internals, _wait
 from ._log import error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -40,6 +40,15 @@ _HINT_SLOW = "hint: the server did not answer in time; check for lock waits or a
 
 def _usable(conn: AsyncConnection[Any]) -> bool:
     return not conn.closed and conn.pgconn.status == ConnStatus.OK
+
+
+def _running(conn: AsyncConnection[Any], target: object) -> bool:
+    """Whether `conn` runs a statement now, `target` if given (`GuardedConnection._dbpool_gen`)."""
+    return (
+        _usable(conn)
+        and conn.pgconn.transaction_status == _ACTIVE
+        and (target is None or getattr(conn, "_dbpool_gen", None) is target)
+    )
 
 
 def close_now(conn: AsyncConnection[Any]) -> None:
@@ -161,6 +170,31 @@ async def roll_back(tx: AsyncTransaction, exc: BaseException, timeout: float) ->
         close_now(tx.connection)
 
 
+async def run_shielded(step: Callable[[], Awaitable[Any]], timeout: float, what: str) -> None:
+    """Run one cleanup step of code not the package's own (an ORM's close) to its end,
+    shielded and bounded; log what fails, never raise. The release that follows puts
+    right whatever state it leaves the connection in."""
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        try:
+            await step()
+        except Exception as ex:
+            logger.warning(
+                "%s failed (%s). %s",
+                what,
+                error(ex),
+                HINT_BROKEN,
+                extra=fields("cleanup_failed", error=error(ex)),
+            )
+    if scope.cancelled_caught:
+        logger.warning(
+            "%s took over %.1fs. %s",
+            what,
+            timeout,
+            _HINT_SLOW,
+            extra=fields("cleanup_slow", timeout_seconds=timeout),
+        )
+
+
 def ready_for_next(conn: AsyncConnection[Any]) -> bool:
     """Whether `conn` can go back as it is: idle in autocommit, nothing open, nothing pending."""
     pgconn = conn.pgconn
@@ -183,7 +217,7 @@ async def quiesce(conn: AsyncConnection[Any], cancel_timeout: float) -> bool:
     if conn.pgconn.transaction_status == _ACTIVE:
         # Another task is still running a statement on it: stop it on the server and let
         # that task see QueryCanceled; the lock is free once its statement has ended.
-        await conn.cancel_safe(timeout=cancel_timeout)
+        await _cancel_request.send_cancel(conn, cancel_timeout)
     async with conn.lock:
         pass
     return not _blocks_open(conn)
@@ -279,7 +313,7 @@ async def _putconn(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -
 
 
 async def cancel_on_server(
-    conn: AsyncConnection[Any], timeout: float, *, after: float = 0.0
+    conn: AsyncConnection[Any], timeout: float, *, after: float = 0.0, target: object = None
 ) -> bool:
     """Ask PostgreSQL to stop the statement `conn` is running, if any; never raises.
 
@@ -293,7 +327,10 @@ async def cancel_on_server(
     the request was delivered (or nothing was running). With `after` (a round trip to the
     server), the statement first has that long to end by itself: on a slow link a short
     statement's result lands before a cancel request could, and the cancel's handshake
-    would hold the connection for nothing.
+    would hold the connection for nothing. With `target` (the statement a cut decided to
+    stop), only that statement is cancelled: the task that sends the request runs a loop
+    turn after the decision, by which time the request may have released the connection
+    and the next one started a statement of its own.
     """
     done = anyio.Event()
     setattr(conn, "_dbpool_cancel_done", done)  # noqa: B010 (a GuardedConnection slot)
@@ -303,13 +340,13 @@ async def cancel_on_server(
     try:
         with anyio.move_on_after(timeout, shield=True):
             try:
-                if after and _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                if after and _running(conn, target):
                     await asyncio.sleep(after)
-                if _usable(conn) and conn.pgconn.transaction_status == _ACTIVE:
+                if _running(conn, target):
                     silence = _network.silence_of(conn)
                     silence.cancel_sent(id(done))
                     started = time.monotonic()
-                    await conn.cancel_safe(timeout=timeout)
+                    await _cancel_request.send_cancel(conn, timeout)
                     setattr(conn, "_dbpool_cancel_took", time.monotonic() - started)  # noqa: B010
                 delivered = True
             except Exception as ex:

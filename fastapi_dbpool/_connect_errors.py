@@ -37,6 +37,7 @@ _CAUSES = (
         ("too many clients", "too many connections", "remaining connection slots"),
     ),
     ("read_only", ("read-only", "read only", "is in recovery", "hot standby")),
+    ("missing", ("does not exist",)),
     ("dns", ("could not translate host name", "name or service not known")),
     ("refused", ("connection refused", "no such file or directory")),
     ("timeout", ("timeout expired", "timed out")),
@@ -55,6 +56,8 @@ HINTS = {
     "slots and other clients, or put PgBouncer in front; raising max_size makes it worse",
     "read_only": "the server is read-only (a standby, or a primary being demoted): point "
     "the pool at the primary, or add target_session_attrs=read-write to a multi-host URL",
+    "missing": "the database or the role does not exist: check the database name and the "
+    "user in the connection string (or create them)",
     "dns": "the host name does not resolve: check the host in the connection string",
     "refused": "nothing listens at the server's address: is PostgreSQL (or the pooler) up?",
     "timeout": "the server did not answer in time: check the network and connect_timeout",

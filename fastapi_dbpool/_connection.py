@@ -12,15 +12,17 @@ import asyncio
 import enum
 import inspect
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg import AsyncConnection, AsyncCursor, OperationalError, waiting
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, OperationalError, waiting
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
-from . import _cleanup, _network, _wait
+from . import _cleanup, _interrupted_begin, _network, _wait
 from ._connect_errors import RecordingConnect
 from .errors import (
     ConfigurationError,
@@ -67,6 +69,9 @@ class Lease:
         "cleanup_timeout",
         "conn",
         "control",
+        "helper",
+        "hold_timer",
+        "orm",
         "previous",
         "route",
         "runtime",
@@ -99,6 +104,10 @@ class Lease:
         self.control = control  # the request whose deadline this checkout obeys
         self.state = LeaseState.ACTIVE
         self.stream = stream  # StreamTransactionDep's: held until the response is sent
+        self.hold_timer: asyncio.TimerHandle | None = None  # DBPool(hold_warning=)
+        #: whether the running task, not the owner, may act for it (an ORM's cleanup task)
+        self.helper: Callable[[], bool] | None = None
+        self.orm: Any = None  # the ORM's connection on it, while one is open (sqlalchemy.py)
 
     def __repr__(self) -> str:
         name = self.task.get_name() if self.task else None
@@ -162,6 +171,7 @@ class GuardedConnection(AsyncConnection[Any]):
     _dbpool_poller: Any = None  # a select.poll() on the socket, for the liveness check
     _dbpool_returned_to: object = None  # the pool runtime that knows it was given back
     _dbpool_local_timeouts = False  # deadlines per transaction, not per session (_pooler)
+    _dbpool_orm_tx: AsyncTransaction | None = None  # the ORM's transaction (sqlalchemy.py)
 
     def _dbpool_check_owner(self) -> None:
         lease = self._dbpool_lease
@@ -170,7 +180,7 @@ class GuardedConnection(AsyncConnection[Any]):
                 return
             mine = _of_this_request(self)
             if mine is lease:
-                if lease.shared:
+                if lease.shared or (lease.helper is not None and lease.helper()):
                     return
                 raise ConnectionInUseError(same_request=True)
             if mine is not None:
@@ -229,6 +239,16 @@ class GuardedConnection(AsyncConnection[Any]):
         await super().close()
         if self.closed:
             _wait.wake_closed(self)  # a task waiting on it would wait forever (psycopg #608)
+
+    if not _interrupted_begin.UNDONE_BY_PSYCOPG:
+
+        def transaction(  # type: ignore[override]
+            self, savepoint_name: str | None = None, force_rollback: bool = False
+        ) -> AbstractAsyncContextManager[AsyncTransaction]:
+            """psycopg's, with a BEGIN interrupted by a cancellation undone (psycopg < 3.3.7)."""
+            lease = self._dbpool_lease
+            timeout = lease.cleanup_timeout if lease else CLEANUP_TIMEOUT
+            return _interrupted_begin.transaction(self, timeout, savepoint_name, force_rollback)
 
 
 async def run_own(conn: AsyncConnection[Any], sql: str) -> AsyncCursor[TupleRow]:

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends
+from fastapi.dependencies.utils import get_dependant
 from fastapi.params import Depends as DependsParam
 
 from ._connection import run_own
@@ -116,8 +117,51 @@ def deadline(seconds: float | None) -> DependsParam:
             )
         control.set_budget(seconds)
 
+    route_deadline.dbpool_deadline = seconds  # type: ignore[attr-defined]  # (routes_with_deadline)
     dependency: DependsParam = Depends(route_deadline)
     return dependency
+
+
+def routes_with_deadline(app: Any) -> list[str]:
+    """The routes of `app` (``"GET /report"``) that depend on a `deadline`, at any depth.
+
+    Read through FastAPI's public `get_dependant`, from each route's endpoint and its own
+    and its routers' ``dependencies``; routers included lazily (FastAPI 0.16x) are
+    expanded through their ``effective_route_contexts()``.
+    """
+    found = []
+    for route in _routes(app):
+        endpoint = getattr(route, "endpoint", None)
+        depends = [getattr(d, "dependency", None) for d in getattr(route, "dependencies", ())]
+        calls = [c for c in (endpoint, *depends) if callable(c)]
+        path = str(getattr(route, "path", ""))
+        if any(_needs_deadline(call, path) for call in calls):
+            methods = ",".join(sorted(getattr(route, "methods", None) or ())) or "WS"
+            found.append(f"{methods} {path}")
+    return found
+
+
+def _routes(app: Any) -> list[Any]:
+    routes: list[Any] = []
+    for route in getattr(app, "routes", ()):
+        expand = getattr(route, "effective_route_contexts", None)
+        routes.extend(expand() if callable(expand) else [route])
+    return routes
+
+
+def _needs_deadline(call: Any, path: str) -> bool:
+    if hasattr(call, "dbpool_deadline"):
+        return True
+    try:
+        stack = [get_dependant(path=path, call=call)]
+    except Exception:  # not a dependency FastAPI can read: it would fail at startup itself
+        return False
+    while stack:
+        node = stack.pop()
+        if hasattr(node.call, "dbpool_deadline"):
+            return True
+        stack.extend(node.dependencies)
+    return False
 
 
 UNKNOWN_TIMEOUT = -1  # statement_timeout as set on the server is not known: set it again

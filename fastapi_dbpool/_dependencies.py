@@ -23,6 +23,7 @@ from ._metrics import route_of
 from ._pooler import bound_transaction
 from ._registry import runtime_of
 from ._transaction import begin, commit, transaction
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._state import PoolRuntime
@@ -56,8 +57,15 @@ class PoolDependencies:
             ours = lease is None
             if lease is None:
                 lease = await runtime.acquire(for_request=True, route=route_of(connection.scope))
+            elif lease.orm is not None:
+                # its transaction would end first, under the ORM's still open inside it
+                raise ConfigurationError(
+                    "TransactionDep is declared after a SQLAlchemy session (or Core "
+                    "connection) of the same pool: declare TransactionDep first, and the "
+                    "session's transaction is a savepoint inside it; or use the session alone."
+                )
             try:
-                tx = await begin(lease.conn)
+                tx = await begin(lease.conn, lease.cleanup_timeout)
                 try:
                     if lease.conn._dbpool_local_timeouts:
                         await bound_transaction(lease.conn)

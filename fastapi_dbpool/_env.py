@@ -25,6 +25,11 @@ def boolean(value: str) -> bool:
     raise ValueError(value)
 
 
+def seconds_or_off(value: str) -> float | None:
+    """Seconds, or ``off``/``none`` (any case) for None; ValueError otherwise."""
+    return None if value.lower() in ("off", "none") else float(value)
+
+
 #: ``DBPOOL_*`` variable -> (DBPool keyword, type)
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_MIN_SIZE": ("min_size", int),
@@ -35,10 +40,21 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DBPOOL_ACQUIRE_TIMEOUT": ("acquire_timeout", float),
     "DBPOOL_OPEN_TIMEOUT": ("open_timeout", float),
     "DBPOOL_CLOSE_TIMEOUT": ("close_timeout", float),
+    "DBPOOL_RELEASE_TIMEOUT": ("release_timeout", float),
+    "DBPOOL_RETRY_AFTER": ("retry_after", int),
+    "DBPOOL_WATCHDOG": ("watchdog", seconds_or_off),
+    "DBPOOL_HOLD_WARNING": ("hold_warning", seconds_or_off),
+    "DBPOOL_ALLOW_CONCURRENT_TASKS": ("allow_concurrent_tasks", boolean),
     "DBPOOL_NAME": ("name", str),
     "DBPOOL_TRANSACTION_POOLER": ("transaction_pooler", boolean),
     "DBPOOL_WRITABLE": ("writable", boolean),
     "DBPOOL_PASSWORD_FILE": ("password", PasswordFile),
+}
+
+
+_FORMS: dict[Callable[[str], Any], str] = {
+    boolean: " (1/0, true/false, yes/no, on/off).",
+    seconds_or_off: " (seconds, or off).",
 }
 
 
@@ -86,7 +102,6 @@ def read(environ: Mapping[str, str], *, url_required: bool = True) -> tuple[str,
             settings[keyword] = convert(value.strip())
         except ValueError:
             raise ConfigurationError(
-                f"{var}={value!r} is not a valid {convert.__name__}"
-                + (" (1/0, true/false, yes/no, on/off)." if convert is boolean else ".")
+                f"{var}={value!r} is not a valid {convert.__name__}" + _FORMS.get(convert, ".")
             ) from None
     return url, settings

@@ -28,10 +28,10 @@ class WaitingLine:
     """Checkouts waiting for a hand-over, first come first served.
 
     A waiter's future is answered with a connection, or with None: "ask psycopg_pool"
-    (a connection went back to it, or a checkout waiting inside it failed).
+    (it has a slot nobody asks for: see `Releases._offer_turns`).
     """
 
-    __slots__ = ("clock", "count", "loop", "name", "on_abandoned", "waiters")
+    __slots__ = ("clock", "count", "loop", "name", "on_abandoned", "turns", "waiters")
 
     def __init__(
         self,
@@ -45,6 +45,7 @@ class WaitingLine:
         self.on_abandoned = on_abandoned
         self.waiters: deque[asyncio.Future[GuardedConnection | None]] = deque()
         self.count = 0  # checkouts waiting now
+        self.turns = 0  # waiters told to ask psycopg_pool that have not asked yet
         # Ends the waits in time: under load, nearly every checkout waits, and an asyncio
         # timer each (a handle, a heap entry left behind when cancelled) cost more than
         # the rest of the hand-over.
@@ -76,12 +77,15 @@ class WaitingLine:
                 if got is not None and got is not _TIMED_OUT:
                     self.on_abandoned(got)
                 elif got is None:
+                    self.turns -= 1
                     self.wake_one()
             raise
         finally:
             slot.discard(expiry)
             self.count -= 1
-        if conn is _TIMED_OUT:
+        if conn is None:
+            self.turns -= 1  # the caller asks psycopg_pool now, before it awaits anything
+        elif conn is _TIMED_OUT:
             raise PoolTimeout(f"couldn't get a connection after {limit:.2f} sec")
         return conn
 
@@ -91,11 +95,14 @@ class WaitingLine:
             waiter = self.waiters.popleft()
             if not waiter.done():  # done: its time ran out, or it was cancelled
                 waiter.set_result(answer)
+                if answer is None:
+                    self.turns += 1
                 return True
         return False
 
-    def wake_one(self) -> None:
-        self.answer_first(None)
+    def wake_one(self) -> bool:
+        """Tell the first waiter left to ask psycopg_pool; whether there was one."""
+        return self.answer_first(None)
 
     def wake_all(self) -> None:
         """At shutdown: every waiting checkout asks psycopg_pool, which refuses it."""

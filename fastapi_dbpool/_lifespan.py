@@ -1,380 +1,177 @@
-"""DBPool: builds the pool closed, opens it on the running loop, closes it bounded."""
+"""Running a DBPool: open on the running loop, eagerly and bounded; close bounded.
+
+`run` is `DBPool.lifespan` (and `DBPool.open`, without an app); `lifespan` composes
+several pools into one app lifespan.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _cleanup, _config, _credentials, _dsn, _env, _fast_paths, _pinned, _pooler
-from ._connect_errors import ConnectLog
-from ._connection import CLEANUP_TIMEOUT, FAST_WAIT, check_connects_as
-from ._dependencies import PoolDependencies
+from . import _cleanup, _config, _credentials, _dsn, _fast_paths
+from ._connect_errors import HINTS, classify
+from ._connection import FAST_WAIT, check_connects_as
 from ._log import fields
-from ._metrics import Observer, PoolStats, snapshot
+from ._middleware import check_deadlines_are_enforced
 from ._pinned import Pinned, binding
-from ._pool_internals import can_return_now, release_idle_promptly
+from ._pool_internals import release_idle_promptly, returns_now_as_it_should
+from ._pooler import undecided_behind_a_pooler
 from ._preflight import preflight
-from ._registry import STATE_KEY, Finder, pools_of, same_name
-from ._state import PoolRuntime, Settings
-from ._transaction import transaction
+from ._registry import STATE_KEY, Pools, pools_of, same_name
+from ._state import PoolRuntime
 from ._watchdog import LoopWatchdog
-from .errors import ConfigurationError, PoolNotRunningError, PoolOpenError
+from .errors import ConfigurationError, PoolOpenError
+
+if TYPE_CHECKING:
+    from ._dbpool import DBPool
 
 logger = logging.getLogger("fastapi_dbpool")
 
 
-def _no_check(params: dict[str, str]) -> None:
-    """A conninfo callable's answer needs no check beyond parsing (see `_pooler`)."""
-
-
-class DBPool:
-    """A psycopg_pool `AsyncConnectionPool` for one FastAPI app, run by the app's lifespan.
-
-    ``DBPool(conninfo, **pool_kwargs)``: `conninfo` is a libpq URL or key=value string,
-    or a callable (sync or async) returning one, asked again for each new connection;
-    `pool_kwargs` go to `psycopg_pool.AsyncConnectionPool` unchanged (``min_size``,
-    ``max_size``, ``max_waiting``, ``max_idle``, ``configure``, ``reset``...), except
-    ``open`` and ``timeout``, which this class owns. Connections are in autocommit mode.
-    ``max_idle`` defaults to 60 s, and all the connections above ``min_size`` left unused
-    that long are closed (psycopg_pool closes one per period), so a burst's connections go
-    back to the server within ``2 x max_idle``.
-
-    Own settings:
-
-    - ``password`` (None): a password, or a source asked for each new connection, so that
-      a rotated secret is used from the next connection on: `PasswordFile` (a mounted
-      secret, re-read), or a sync or async callable (a cloud IAM token). It wins over a
-      password in `conninfo`; its answer is never logged.
-    - ``acquire_timeout`` (5 s): how long a request waits for a connection before it is
-      answered 503 with ``Retry-After: retry_after`` (1 s).
-    - ``open_timeout`` (10 s): startup fails with `PoolOpenError` if PostgreSQL cannot
-      be reached and ``min_size`` connections opened by then.
-    - ``close_timeout`` (5 s): bound on closing the pool at shutdown.
-    - ``release_timeout`` (5 s): bound on each cleanup step (server-side cancel, rollback,
-      return); a connection that cannot be cleaned up in time is closed and replaced.
-    - ``watchdog`` (0.1 s; None for none): a thread warns, naming the code, whenever the
-      event loop is blocked longer than this (``time.sleep``, blocking I/O, heavy CPU).
-    - ``allow_concurrent_tasks`` (False): let tasks spawned by a request use its
-      connection while the request holds it (psycopg runs their statements one at a time).
-    - ``transaction_pooler`` (None): True behind a pooler that pools by transaction
-      (PgBouncer ``pool_mode=transaction``, RDS Proxy, Supavisor...): no prepared
-      statements, deadlines as transaction-local timeouts, session-level statements
-      refused (`SessionStateError`). None: a pooler found at open is warned about;
-      False: connected directly or through a session pooler, no warning.
-    - ``writable`` (False): True for a pool that must reach the primary. Each new
-      connection is checked (``SHOW transaction_read_only``) and a read-only server
-      refused, at startup (`PoolOpenError`) and after a failover, until the writable
-      server answers; a statement failing as read-only (SQLSTATE 25006) replaces every
-      connection; ``/readyz`` says "connected server is read-only" meanwhile.
-
-    Nothing connects and nothing binds to an event loop until `lifespan` runs, so a
-    DBPool can be created at import time. Misconfiguration raises `ConfigurationError`
-    here, before any connection is made.
-    """
-
-    def __init__(
-        self,
-        conninfo: _credentials.Source = "",
-        *,
-        password: _credentials.Source | None = None,
-        acquire_timeout: float = 5.0,
-        open_timeout: float = 10.0,
-        close_timeout: float = 5.0,
-        release_timeout: float = CLEANUP_TIMEOUT,
-        retry_after: int = 1,
-        allow_concurrent_tasks: bool = False,
-        watchdog: float | None = 0.1,
-        transaction_pooler: bool | None = None,
-        writable: bool = False,
-        **pool_kwargs: Any,
-    ) -> None:
-        params: dict[str, str] | None = None
-        if isinstance(conninfo, str):
-            try:
-                params = _dsn.parse(conninfo)
-            except psycopg.Error as ex:
-                raise ConfigurationError(
-                    f"The connection string is malformed: {_dsn.scrub(str(ex))}."
-                ) from None
-        elif not callable(conninfo):
-            raise ConfigurationError(
-                "conninfo must be a string (a URL or key=value pairs) or a callable, sync or "
-                f"async, returning one; got {type(conninfo).__name__}."
-            )
-        if not (password is None or isinstance(password, str) or callable(password)):
-            raise ConfigurationError(
-                "password must be a string or a callable, sync or async, returning one (e.g. "
-                f"PasswordFile(path)); got {type(password).__name__}."
-            )
-        self._settings = Settings(
-            acquire_timeout=_env.positive_seconds("acquire_timeout", acquire_timeout),
-            open_timeout=_env.positive_seconds("open_timeout", open_timeout),
-            close_timeout=_env.positive_seconds("close_timeout", close_timeout),
-            release_timeout=_env.positive_seconds("release_timeout", release_timeout),
-            retry_after=max(1, math.ceil(retry_after)),
-            allow_concurrent_tasks=bool(allow_concurrent_tasks),
-            transaction_pooler=None if transaction_pooler is None else bool(transaction_pooler),
-            writable=bool(writable),
-            watchdog=None
-            if watchdog is None
-            else _env.positive_seconds("watchdog", watchdog, none_allowed=True),
+@asynccontextmanager
+async def run(db: DBPool, app: Any) -> AsyncIterator[dict[str, Any]]:
+    """`db.lifespan(app)`, and `db.open()` with no app (`app` None): see `DBPool.lifespan`."""
+    if db._runtime is not None:
+        raise ConfigurationError(
+            f"DBPool {db.name!r} is already running for another app or lifespan; "
+            "create one DBPool per app."
         )
-        self.name: str = pool_kwargs.setdefault("name", "fastapi_dbpool")
-        #: told each wait, hold and connection time as it is counted (fastapi_dbpool.otel)
-        self._observers: list[Observer] = []
-        self._connect_log = ConnectLog(self.name, self._observers)
-        self._pool_kwargs = _config.pool_kwargs(
-            self.name,
-            pool_kwargs,
-            params,
-            transaction_pooler=bool(transaction_pooler),
-            connect_log=self._connect_log,
-            password=password,
-            writable=bool(writable),
-        )
-        self._conninfo: _credentials.Source = conninfo
-        if not isinstance(conninfo, str):
-            check = _pooler.check_options if transaction_pooler else _no_check
-            self._conninfo = _credentials.conninfo_source(
-                conninfo, self.name, self._connect_log, check
-            )
-        self._runtime: PoolRuntime | None = None
-        own = PoolDependencies(Finder(self.name))
-        #: This pool's request connection (autocommit), for an app with several pools.
-        self.ConnectionDep: Any = own.ConnectionDep
-        #: This pool's request transaction, committed before the response.
-        self.TransactionDep: Any = own.TransactionDep
-        #: This pool's transaction held until a streamed response has been sent.
-        self.StreamTransactionDep: Any = own.StreamTransactionDep
-        #: ``Depends(db.get_connection)``: as `fastapi_dbpool.get_connection`, of this pool.
-        self.get_connection = own.get_connection
-        self.get_transaction = own.get_transaction
-        self.get_stream_transaction = own.get_stream_transaction
-        self._unbound = False  # from_env() under pytest without DATABASE_URL: tests bind it
-        try:  # psycopg_pool checks sizes and names; nothing connects with open=False
-            AsyncConnectionPool(conninfo, open=False, **self._pool_kwargs)
-        except (TypeError, ValueError) as ex:
-            hint = " (psycopg_pool's min_size defaults to 4)" if "min_size" in str(ex) else ""
-            raise ConfigurationError(f"Invalid pool setting: {ex}{hint}.") from None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DBPool:
-        """A DBPool from ``DATABASE_URL`` and ``DBPOOL_*`` variables.
-
-        ``DBPOOL_MIN_SIZE``, ``DBPOOL_MAX_SIZE``, ``DBPOOL_MAX_WAITING``, ``DBPOOL_MAX_IDLE``,
-        ``DBPOOL_MAX_LIFETIME``, ``DBPOOL_ACQUIRE_TIMEOUT``, ``DBPOOL_OPEN_TIMEOUT``,
-        ``DBPOOL_CLOSE_TIMEOUT``, ``DBPOOL_NAME``, ``DBPOOL_TRANSACTION_POOLER``,
-        ``DBPOOL_WRITABLE``, ``DBPOOL_PASSWORD_FILE`` (a `PasswordFile`). Keyword `overrides`
-        win over the environment. A missing or malformed variable, or an unknown ``DBPOOL_*`` one,
-        raises `ConfigurationError` naming it.
-
-        Under pytest with fastapi_dbpool's plugin, a missing ``DATABASE_URL`` (in
-        ``os.environ``) is allowed here, so that an app module creating its DBPool at
-        import can be imported: the plugin's fixtures bind the pool to a test database,
-        and opening it any other way raises `ConfigurationError`.
-        """
-        # Under the plugin (os.environ only), a missing URL is left for a test to bind.
-        unbound_ok = environ is None and _pinned.plugin_sessions > 0
-        url, settings = _env.read(
-            os.environ if environ is None else environ, url_required=not unbound_ok
-        )
-        if not url:
-            db = cls(**{**settings, **overrides})
-            db._unbound = True
-            return db
-        return cls(url, **{**settings, **overrides})
-
-    def __repr__(self) -> str:
-        state = "running" if self._runtime else "stopped"
-        return f"<DBPool {self.name!r} {_credentials.describe(self._conninfo)} {state}>"
-
-    def stats(self) -> PoolStats:
-        """A snapshot of the running pool: psycopg_pool's figures and ours (see `PoolStats`).
-
-        Raises `PoolNotRunningError` when the lifespan is not running.
-        """
-        return self._snapshot(self._running())
-
-    def _snapshot(self, runtime: PoolRuntime) -> PoolStats:
-        """`stats()` from any thread (a metrics server's): reading tallies needs no loop."""
-        return snapshot(
-            self.name,
-            runtime.pool_stats(),
-            runtime.counters,
-            runtime.leases,
-            runtime.watchdog,
-            runtime.connect_log,
-            runtime.replica_lag,
-        )
-
-    @property
-    def pool(self) -> AsyncConnectionPool[Any]:
-        """The running psycopg_pool pool (for its stats); `PoolNotRunningError` if none."""
-        return self._running().pool
-
-    def _running(self) -> PoolRuntime:
-        if self._runtime is None or self._runtime.closing:
-            raise PoolNotRunningError(f"DBPool {self.name!r} is not running")
-        self._runtime.check_loop()
-        return self._runtime
-
-    @asynccontextmanager
-    async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
-        """Open the pool for `app`, yield the lifespan state, close the pool on exit.
-
-        Use as ``FastAPI(lifespan=db.lifespan)``, or compose it in your own lifespan with
-        ``async with db.lifespan(app):``. The pool opens on the running loop, eagerly:
-        startup waits for ``min_size`` connections and raises `PoolOpenError` (host and
-        database named, no password) if that takes over ``open_timeout``. On exit,
-        connections still checked out are logged, their queries cancelled and closed,
-        and the pool is closed within ``close_timeout``, even if the exit is cancelled.
-        """
-        if self._runtime is not None:
-            raise ConfigurationError(
-                f"DBPool {self.name!r} is already running for another app or lifespan; "
-                "create one DBPool per app."
-            )
-        pools = pools_of(app)
-        pools.reserve(self.name)
+    if app is not None:
+        check_deadlines_are_enforced(app)
+    pools = pools_of(app) if app is not None else Pools()
+    pools.reserve(db.name)
+    try:
+        runtime = await open_runtime(db)
+    except BaseException:
+        pools.remove(db.name)
+        raise
+    db._runtime = runtime
+    pools.add(db.name, runtime)
+    if db._settings.watchdog is not None:
+        runtime.watchdog = LoopWatchdog(runtime.loop, db._settings.watchdog, db.name)
+        runtime.watchdog.start()
+    try:
+        for prepare in db._on_open:  # what uses the pool gets ready before any request
+            await prepare(runtime)
+        yield {STATE_KEY: pools}
+    finally:
+        runtime.closing = True  # from now on: no checkouts, readiness says "shutting down"
         try:
-            runtime = await self._open()
-        except BaseException:
-            pools.remove(self.name)
-            raise
-        self._runtime = runtime
-        pools.add(self.name, runtime)
-        if self._settings.watchdog is not None:
-            runtime.watchdog = LoopWatchdog(runtime.loop, self._settings.watchdog, self.name)
-            runtime.watchdog.start()
-        try:
-            yield {STATE_KEY: pools}
+            await close_runtime(db, runtime)
         finally:
-            runtime.closing = True  # from now on: no checkouts, readiness says "shutting down"
-            try:
-                await self._close(runtime)
-            finally:
-                pools.remove(self.name)
-                self._runtime = None
-                if runtime.watchdog is not None:
-                    runtime.watchdog.stop()
+            pools.remove(db.name)
+            db._runtime = None
+            db._ended_at = time.time()
+            if runtime.watchdog is not None:
+                runtime.watchdog.stop()
 
-    async def _open(self) -> PoolRuntime:
-        bound = binding.get()
-        if bound is None and self._unbound:
-            raise ConfigurationError(
-                "DATABASE_URL is not set, so this DBPool (from DBPool.from_env()) has no "
-                "database. Under pytest, run the app through the dbpool_app or dbpool_client "
-                "fixtures, which open it on a test database, or set DATABASE_URL."
-            )
-        check_connects_as(self._pool_kwargs["connection_class"])
-        self._connect_log.reset()
-        conninfo = self._conninfo if bound is None else bound.conninfo
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            conninfo, open=False, **self._pool_kwargs
+
+async def open_runtime(db: DBPool) -> PoolRuntime:
+    """Open `db`'s pool on the running loop, eagerly: `min_size` connections within
+    ``open_timeout``, or `PoolOpenError` naming the server and the cause."""
+    bound = binding.get()
+    if bound is None and db._unbound:
+        raise ConfigurationError(
+            "DATABASE_URL is not set, so this DBPool (from DBPool.from_env()) has no "
+            "database. Under pytest, run the app through the dbpool_app or dbpool_client "
+            "fixtures, which open it on a test database, or set DATABASE_URL."
         )
-        timeout = self._settings.open_timeout
-        deadline = time.monotonic() + timeout
-        target = _credentials.describe(conninfo)
-        runtime: PoolRuntime | None = None
-        try:
-            with anyio.fail_after(timeout):
-                cancels = _cancel_requests()
-                await preflight(pool, conninfo, target, self._settings)
-                await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
-                if _cancel_requests() > cancels:
-                    # psycopg's connect() can swallow a task.cancel() and return a connection
-                    raise asyncio.CancelledError()
-                release_idle_promptly(pool)
-                runtime = PoolRuntime(pool, self._settings, self._connect_log, self._observers)
-                ours = self._pool_kwargs["reset"] is _config.keep_as_is
-                runtime.direct_return = ours and can_return_now(pool)
-                no_check = self._pool_kwargs.get("check") is None
-                runtime.hand_over = runtime.direct_return and no_check
-                _fast_paths.check_taken(
-                    {"the timer-less wait": FAST_WAIT, "the direct return": can_return_now(pool)},
-                    {"psycopg": psycopg, "psycopg_pool": psycopg_pool},
-                )
-                if bound is not None:
-                    runtime.loop_hint = bound.hint
-                    if bound.isolate:
-                        runtime.pinned = await Pinned.begin(runtime)
-                    bound.runtimes.append(runtime)
-        except (TimeoutError, PoolTimeout) as ex:
-            await _cleanup.close_pool(pool, self._settings.close_timeout)
+    check_connects_as(db._pool_kwargs["connection_class"])
+    db._connect_log.reset()
+    conninfo = db._conninfo if bound is None else bound.conninfo
+    kwargs, settings = db._pool_kwargs, db._settings
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(conninfo, open=False, **kwargs)
+    timeout = db._settings.open_timeout
+    deadline = time.monotonic() + timeout
+    target = _credentials.describe(conninfo)
+    runtime: PoolRuntime | None = None
+    try:
+        with anyio.fail_after(timeout):
+            cancels = _cancel_requests()
+            pooled = await preflight(pool, conninfo, target, settings, db._connect_log)
+            if pooled and db._pooler_kwargs is not None:
+                chosen = undecided_behind_a_pooler(db.name, db._pooler_kwargs)
+                if chosen is not None:  # the pool was not opened: nothing to close
+                    kwargs, settings = chosen, replace(settings, transaction_pooler=True)
+                    pool = AsyncConnectionPool(conninfo, open=False, **kwargs)
+            await pool.open(wait=True, timeout=max(deadline - time.monotonic(), 0.001))
+            if _cancel_requests() > cancels:
+                # psycopg's connect() can swallow a task.cancel() and return a connection
+                raise asyncio.CancelledError()
+            release_idle_promptly(pool)
+            runtime = PoolRuntime(pool, settings, db._connect_log, db._observers)
+            ours = kwargs["reset"] is _config.keep_as_is
+            returns_now = returns_now_as_it_should(pool)
+            runtime.direct_return = ours and returns_now
+            no_check = kwargs.get("check") is None
+            runtime.hand_over = runtime.direct_return and no_check
+            _fast_paths.check_taken(
+                {"the timer-less wait": FAST_WAIT, "the direct return": returns_now},
+                {"psycopg": psycopg, "psycopg_pool": psycopg_pool},
+            )
+            if bound is not None:
+                runtime.loop_hint = bound.hint
+                if bound.isolate:
+                    runtime.pinned = await Pinned.begin(runtime)
+                bound.runtimes.append(runtime)
+    except (TimeoutError, PoolTimeout) as ex:
+        await _cleanup.close_pool(pool, db._settings.close_timeout)
+        last = db._connect_log.current
+        if last is None:
             cause = f"{pool.min_size} connection(s) not ready in time ({type(ex).__name__})"
-            raise PoolOpenError(target, timeout, cause, self.name) from None
-        except psycopg.Error as ex:
-            await _cleanup.close_pool(pool, self._settings.close_timeout)
-            raise PoolOpenError(target, timeout, _dsn.scrub(str(ex).strip()), self.name) from None
-        except BaseException:
-            await _cleanup.close_pool(pool, self._settings.close_timeout)
-            raise
-        stats = pool.get_stats()
-        logger.info(
-            "pool %r open on %s (%s)",
-            pool.name,
-            target,
-            stats,
-            extra=fields("pool_open", pool.name, target=target, stats=stats),
+            raise PoolOpenError(target, timeout, cause, db.name) from None
+        hint = f"{last.hint}; if it only starts slowly, raise open_timeout"
+        raise PoolOpenError(target, timeout, f"still failing: {last}", db.name, hint) from None
+    except psycopg.Error as ex:
+        await _cleanup.close_pool(pool, db._settings.close_timeout)
+        cause, kind = _dsn.scrub(str(ex).strip()), classify(ex)
+        hint = HINTS[kind] if kind != "other" else ""  # else: check the URL, the server...
+        raise PoolOpenError(target, timeout, cause, db.name, hint) from None
+    except BaseException:
+        await _cleanup.close_pool(pool, db._settings.close_timeout)
+        raise
+    stats = pool.get_stats()
+    logger.info(
+        "pool %r open on %s (%s)",
+        pool.name,
+        target,
+        stats,
+        extra=fields("pool_open", pool.name, target=target, stats=stats),
+    )
+    return runtime
+
+
+async def close_runtime(db: DBPool, runtime: PoolRuntime) -> None:
+    """Close `db`'s pool within its timeouts: leases still out are cancelled and closed."""
+    runtime.closing = True
+    runtime.line.wake_all()
+    for lease in list(runtime.leases):
+        logger.warning(
+            "pool %r: a connection is still checked out at shutdown (%r); cancelling its "
+            "query and closing it. hint: a task outlived its request or lifespan; await "
+            "it, or cancel it before shutdown",
+            runtime.pool.name,
+            lease,
+            extra=fields("checked_out_at_shutdown", runtime.pool.name, lease=repr(lease)),
         )
-        return runtime
-
-    async def _close(self, runtime: PoolRuntime) -> None:
-        runtime.closing = True
-        runtime.line.wake_all()
-        for lease in list(runtime.leases):
-            logger.warning(
-                "pool %r: a connection is still checked out at shutdown (%r); cancelling its "
-                "query and closing it. hint: a task outlived its request or lifespan; await "
-                "it, or cancel it before shutdown",
-                runtime.pool.name,
-                lease,
-                extra=fields("checked_out_at_shutdown", runtime.pool.name, lease=repr(lease)),
-            )
-            await _cleanup.cancel_and_close(lease.conn, self._settings.release_timeout)
-        if runtime.pinned is not None:
-            await runtime.pinned.end(runtime, self._settings.release_timeout)
-        await _cleanup.close_pool(runtime.pool, self._settings.close_timeout)
-        for conn in list(runtime.returned):  # returns psycopg_pool dropped without closing
-            _cleanup.close_now(conn)
-        logger.info(
-            "pool %r closed", runtime.pool.name, extra=fields("pool_closed", runtime.pool.name)
-        )
-
-    @asynccontextmanager
-    async def connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
-        """A connection of its own, for work outside a request (jobs, spawned tasks).
-
-        Waits up to `timeout` (default ``acquire_timeout``) and raises
-        `PoolExhaustedError` after that. The connection is in autocommit mode, owned by
-        the calling task, and given back (rolled back if needed) when the block exits,
-        whatever the exit, shielded from cancellation and bounded.
-        """
-        async with self._running().lease(timeout, for_request=False) as lease:
-            yield lease.conn
-
-    @asynccontextmanager
-    async def transaction(
-        self, timeout: float | None = None
-    ) -> AsyncIterator[AsyncConnection[Any]]:
-        """Like `connection`, inside one transaction: committed if the block succeeds."""
-        async with (
-            self.connection(timeout) as conn,
-            transaction(conn, self._settings.release_timeout),
-        ):
-            yield conn
+        await _cleanup.cancel_and_close(lease.conn, db._settings.release_timeout)
+    if runtime.pinned is not None:
+        await runtime.pinned.end(runtime, db._settings.release_timeout)
+    await _cleanup.close_pool(runtime.pool, db._settings.close_timeout)
+    for conn in list(runtime.returned):  # returns psycopg_pool dropped without closing
+        _cleanup.close_now(conn)
+    logger.info("pool %r closed", runtime.pool.name, extra=fields("pool_closed", runtime.pool.name))
 
 
 def _cancel_requests() -> int:
@@ -391,6 +188,8 @@ def lifespan(*pools: DBPool) -> Callable[[Any], AbstractAsyncContextManager[dict
     closed and the failure (`PoolOpenError` names the pool) ends startup. At shutdown
     closes them all, the last opened first, each within its ``close_timeout``.
     """
+    from ._dbpool import DBPool  # which imports this module
+
     names = [db.name for db in pools]
     if not pools or not all(isinstance(db, DBPool) for db in pools):
         raise ConfigurationError("lifespan() takes one or more DBPool instances.")

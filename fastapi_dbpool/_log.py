@@ -10,11 +10,14 @@ of passwords as messages are.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from . import _dsn
 
 PREFIX = "dbpool_"
+BURST = 10.0  # seconds: a record of one kind is logged once per burst, with a count
 
 
 def fields(event: str, pool: str | None = None, **more: Any) -> dict[str, Any]:
@@ -28,3 +31,22 @@ def fields(event: str, pool: str | None = None, **more: Any) -> dict[str, Any]:
 def error(ex: BaseException) -> str:
     """An exception as a field: its type and message, without secrets."""
     return f"{type(ex).__name__}: {_dsn.scrub(str(ex))}"
+
+
+class Bursts:
+    """Records of one kind logged once per `BURST`: an outage or a load spike repeats one
+    event by the hundred, and a log of it, line after line, hides everything else."""
+
+    def __init__(self) -> None:
+        self._bursts: dict[str, tuple[float, int]] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """None: hold this record back (counted). Else log it, with the returned count of
+        those held back since the last one logged."""
+        now = time.monotonic()
+        logged_at, held = self._bursts.get(kind, (-math.inf, 0))
+        if now - logged_at < BURST:
+            self._bursts[kind] = (logged_at, held + 1)
+            return None
+        self._bursts[kind] = (now, 0)
+        return held

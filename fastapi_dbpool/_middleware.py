@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 from psycopg.errors import QueryCanceled
@@ -19,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._clock import Clock
-from ._deadline import current_control
+from ._deadline import current_control, routes_with_deadline
 from ._env import positive_seconds
 from ._log import error, fields
 from ._watcher import Watcher, send_json
@@ -105,8 +106,11 @@ class CancellationMiddleware:
                 except Exception as ex:
                     # What a cut request raises on its way out (a connection closed under
                     # it because its server stopped answering) is the cut's own doing: the
-                    # client has its answer, and a traceback would only mislead.
-                    if watcher.stopping is None:
+                    # client has its answer, and a traceback would only mislead. An ORM
+                    # raises the deadline's QueryCanceled wrapped in an error of its own.
+                    if watcher.stopping is None and not (
+                        isinstance(ex.__cause__, QueryCanceled) and watcher.was_cut()
+                    ):
                         raise
                     logger.debug(
                         "a cut request raised %s",
@@ -139,3 +143,30 @@ class CancellationMiddleware:
                     )
                 return budget
         return None
+
+
+def check_deadlines_are_enforced(app: Any) -> None:
+    """Warn at startup, naming them, about routes with a `deadline` in an app without
+    `CancellationMiddleware`: their first request would raise `ConfigurationError`.
+
+    A warning, not a refusal: the middleware may wrap the app from outside
+    (``CancellationMiddleware(app)`` served by uvicorn), where ``user_middleware``
+    does not show it. Once per app, however many pools it opens.
+    """
+    state = getattr(app, "state", None)
+    if state is None or getattr(state, "dbpool_deadlines_checked", False):
+        return
+    state.dbpool_deadlines_checked = True
+    middleware = getattr(app, "user_middleware", ())
+    if any(
+        isinstance(m.cls, type) and issubclass(m.cls, CancellationMiddleware) for m in middleware
+    ):
+        return
+    routes = routes_with_deadline(app)
+    if routes:
+        logger.warning(
+            "deadline() on %s, but the app has no CancellationMiddleware: each request to "
+            "them will raise ConfigurationError. hint: app.add_middleware(CancellationMiddleware)",
+            ", ".join(routes),
+            extra=fields("deadline_unenforced", routes=routes),
+        )

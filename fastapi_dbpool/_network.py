@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from ._log import error, fields
+from ._log import Bursts, error, fields
 
 logger = logging.getLogger("fastapi_dbpool")
 
@@ -36,7 +34,6 @@ DEAD_PEER_DEFAULTS = {
 }
 _ENVIRON = {"connect_timeout": "PGCONNECT_TIMEOUT"}
 SLOW_CANCEL = 1.0  # seconds: a cancel request unanswered this long means a silent server
-BURST = 10.0  # seconds: a warning of one kind is logged once per burst, with a count
 HINT_NETWORK = (
     "hint: the server stopped answering: a network partition, a failover that left "
     "sockets open, or a frozen server; connections that cannot be reached are closed and "
@@ -99,12 +96,6 @@ def target_of(conn: Any) -> str:
         return "the server"
 
 
-@dataclass
-class _Burst:
-    logged_at: float = -math.inf
-    since_logged: int = 0
-
-
 class Silence:
     """One server's unanswered requests since it last answered."""
 
@@ -114,7 +105,7 @@ class Silence:
         self.cancel_failures = 0
         self.connections_lost = 0
         self.cancels_pending: dict[int, float] = {}  # id of a cancel in flight -> when sent
-        self._bursts: dict[str, _Burst] = {}
+        self._bursts = Bursts()
 
     def cancel_sent(self, key: int) -> None:
         self.cancels_pending[key] = time.monotonic()
@@ -181,15 +172,12 @@ class Silence:
             self.since = time.monotonic()
 
     def _warn(self, kind: str, msg: str, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
-        burst = self._bursts.setdefault(kind, _Burst())
-        now = time.monotonic()
-        if now - burst.logged_at < BURST:
-            burst.since_logged += 1
+        held = self._bursts.admit(kind)
+        if held is None:
             return
-        if burst.since_logged:
+        if held:
             msg += " (%d more like it in the last burst)"
-            args = (*args, burst.since_logged)
-        burst.logged_at, burst.since_logged = now, 0
+            args = (*args, held)
         logger.warning(msg + ". %s", *args, HINT_NETWORK, extra=extra)
 
 

@@ -43,6 +43,36 @@ def can_return_now(pool: AsyncConnectionPool[Any]) -> bool:
     )
 
 
+def returns_now_as_it_should(pool: AsyncConnectionPool[Any]) -> bool:
+    """Whether `return_now` works on this psycopg_pool, tried once at open by behaviour.
+
+    Names and types (`can_return_now`) say the fields are there, not that they mean what
+    they did: here psycopg_pool's own public stats must agree with them, and an idle
+    connection taken out as ``getconn()`` takes it and given back by `return_now` must be
+    counted as available again. Synchronous: nothing else in the pool runs meanwhile.
+    """
+    if not can_return_now(pool):
+        return False
+    stats = pool.get_stats()
+    if (
+        stats.get("pool_available") != len(pool._pool)
+        or stats.get("pool_min") != pool._min_size
+        or stats.get("requests_waiting", 0) != len(pool._waiting)
+    ):
+        return False
+    if not pool._pool or pool._waiting or pool._lock.locked():
+        return True  # nothing to try it on: the fields agree, which is what can be known
+    conn = pool._pool.popleft()
+    conn._pool = pool  # as psycopg_pool's getconn() leaves it
+    taken = pool.get_stats().get("pool_available")
+    returned = return_now(pool, conn)
+    if not returned:
+        pool._pool.appendleft(conn)  # put back as it was: psycopg_pool never saw it leave
+        conn._pool = None
+    after = pool.get_stats().get("pool_available")
+    return returned and taken == len(pool._pool) - 1 and after == len(pool._pool)
+
+
 def return_now(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -> bool:
     """What psycopg_pool's return task does for a connection needing no reset; whether done.
 
@@ -79,16 +109,6 @@ def stale(pool: AsyncConnectionPool[Any], conn: AsyncConnection[Any]) -> bool:
     if expire_at is None or created_at is None or drained_at is None:
         return True
     return bool(expire_at <= time.monotonic() or created_at <= drained_at)
-
-
-def queued_in(pool: AsyncConnectionPool[Any]) -> int:
-    """How many checkouts wait inside psycopg_pool (those that asked while it grew).
-
-    They waited longer than those waiting for a hand-over (who asked once every connection
-    was out), so a released connection goes back through psycopg_pool to them first.
-    Call only where `can_return_now` held.
-    """
-    return len(pool._waiting)
 
 
 def idle_connections(pool: AsyncConnectionPool[Any]) -> list[AsyncConnection[Any]]:

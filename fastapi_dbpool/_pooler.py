@@ -13,14 +13,17 @@ mode (``DBPool(transaction_pooler=True)``):
   before they are sent, with the alternative;
 - startup ``options`` are refused when the pool is built (PgBouncer rejects them).
 
-`detect` tells, at open, whether a pooler stands in front at all.
+`detect` tells, at open, whether a pooler stands in front at all; a pool left undecided
+takes this mode when one does (`undecided_behind_a_pooler`): from the client, a pooler that
+pools by transaction looks like one that pools by session, and this mode is safe behind both.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,7 +32,10 @@ from psycopg.pq import TransactionStatus
 
 from ._connection import GuardedConnection, run_own
 from ._deadline import current_control, statement_timeout_ms
+from ._log import fields
 from .errors import ConfigurationError, SessionStateError
+
+logger = logging.getLogger("fastapi_dbpool")
 
 _LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S)
 _FIRST_WORDS = re.compile(r"([A-Za-z]+)(?:\s+([A-Za-z]+))?")
@@ -142,6 +148,44 @@ async def detect(conn: AsyncConnection[Any]) -> bool:
     """
     row = await (await run_own(conn, "SELECT pg_backend_pid()")).fetchone()
     return row is not None and row[0] != conn.info.backend_pid
+
+
+def undecided_behind_a_pooler(
+    name: str, build: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """A pooler answered at open, and the pool's mode was not chosen: the pool's settings
+    in this mode (`build`), logged; None when its connection settings cannot take the mode
+    (startup ``options``), warned, and the pool stays as it is."""
+    silence = (
+        "transaction_pooler=True (DBPOOL_TRANSACTION_POOLER=1) if it pools by transaction, "
+        "False if it pools by session"
+    )
+    try:
+        kwargs = build()
+    except ConfigurationError as ex:
+        logger.warning(
+            "pool %r: a connection pooler stands between the app and PostgreSQL (the "
+            "backend PID it reports is not the server's), and the pool stays in session "
+            "mode: %s If the pooler pools by transaction (PgBouncer pool_mode=transaction, "
+            "RDS Proxy, Supavisor), session state leaks between clients. hint: say which "
+            "it is: %s.",
+            name,
+            ex,
+            silence,
+            extra=fields("pooler_detected", name, mode="session"),
+        )
+        return None
+    logger.warning(
+        "pool %r: a connection pooler stands between the app and PostgreSQL (the backend "
+        "PID it reports is not the server's): running in transaction-pooler mode, safe "
+        "whether it pools by transaction or by session (no prepared statements, deadlines "
+        "as transaction-local timeouts, session-level statements refused). hint: say which "
+        "it is to silence this: %s (keeps prepared statements and session settings).",
+        name,
+        silence,
+        extra=fields("pooler_detected", name, mode="transaction"),
+    )
+    return kwargs
 
 
 async def bound_transaction(conn: AsyncConnection[Any]) -> None:

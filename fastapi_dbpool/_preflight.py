@@ -8,21 +8,25 @@ can give this app the connections it may ask for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from . import _config, _credentials, _failover, _pooler
+from . import _config, _credentials, _failover, _network, _pooler
+from ._connect_errors import HINTS, ConnectLog, classify
 from ._connection import run_own
 from ._log import error, fields
 from ._state import Settings
 from .errors import PoolOpenError
 
 logger = logging.getLogger("fastapi_dbpool")
+_FIRST_WAIT, _MAX_WAIT = 0.25, 2.0  # seconds between tries of a server not up yet
 
 #: What the server can give: its usable slots, those other clients hold, the role's and
 #: the database's CONNECTION LIMIT (-1: none). Other clients are those of another
@@ -46,9 +50,17 @@ async def preflight(
     conninfo: _credentials.Source,
     target: str,
     settings: Settings,
+    log: ConnectLog,
     environ: Mapping[str, str] | None = None,
-) -> None:
-    """Connect once as the pool will; `PoolOpenError` if a source fails; warn what to fix."""
+) -> bool:
+    """Connect once as the pool will; `PoolOpenError` if a source fails; warn what to fix.
+
+    Whether a pooler answered in front of PostgreSQL (`_pooler.detect`).
+
+    A server not up yet (refused, starting up: `_network.TRANSIENT`) is waited for, each
+    wait logged, until the caller's ``open_timeout``; every failure goes to `log`, so that
+    the lifespan's `PoolOpenError` names the last one.
+    """
     try:
         kwargs = await _config.resolve_kwargs(pool.kwargs)
     except Exception as ex:
@@ -67,26 +79,43 @@ async def preflight(
             f"the conninfo callable failed ({error(ex)})",
             pool.name,
         ) from None
-    conn = await AsyncConnection.connect(resolved, **kwargs)
+    conn = await _first_connection(resolved, kwargs, pool.name, log)
     try:
         if settings.writable:
             await _failover.refuse_read_only(conn)
         pooled = settings.transaction_pooler or await _pooler.detect(conn)
-        if settings.transaction_pooler is None and pooled:
-            logger.warning(
-                "pool %r: a connection pooler stands between the app and PostgreSQL "
-                "(the backend PID it reports is not the server's); if it pools by "
-                "transaction (PgBouncer pool_mode=transaction, RDS Proxy, Supavisor), "
-                "session state leaks between clients. hint: set "
-                "DBPool(transaction_pooler=True) or DBPOOL_TRANSACTION_POOLER=1; if it "
-                "pools by session, transaction_pooler=False silences this.",
-                pool.name,
-                extra=fields("pooler_detected", pool.name),
-            )
         if not pooled:  # behind a pooler, the pooler's own pool size is the bound
             await _check_capacity(conn, pool, os.environ if environ is None else environ)
     finally:
         await conn.close()
+    return bool(pooled)
+
+
+async def _first_connection(
+    conninfo: str, kwargs: dict[str, Any], name: str, log: ConnectLog
+) -> AsyncConnection[Any]:
+    """The first connection, given the time a server still starting takes (docker compose,
+    Kubernetes: the app often starts first); any other failure is raised at once."""
+    delay = _FIRST_WAIT
+    while True:
+        try:
+            return await AsyncConnection.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as ex:
+            log.failed(ex)
+            cause = classify(ex)
+            if cause not in _network.TRANSIENT:
+                raise
+            logger.warning(
+                "pool %r: the server cannot be reached yet (%s); trying again in %.2gs, "
+                "until open_timeout. hint: %s",
+                name,
+                error(ex),
+                delay,
+                HINTS[cause],
+                extra=fields("open_waiting", name, cause=cause, error=error(ex)),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_WAIT)
 
 
 def workers(environ: Mapping[str, str]) -> int:

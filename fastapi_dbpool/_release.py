@@ -21,7 +21,7 @@ from ._connection import GuardedConnection, Lease, LeaseState
 from ._hand_over import WaitingLine
 from ._metrics import Counters
 from ._pinned import Pinned
-from ._pool_internals import queued_in, return_now, stale
+from ._pool_internals import return_now, stale
 
 if TYPE_CHECKING:
     from ._state import Settings
@@ -41,6 +41,7 @@ class Releases:
     line: WaitingLine
     direct_return: bool
     out: int
+    asking: int
     _background: set[asyncio.Task[bool]]
 
     def _hand_over(self, conn: GuardedConnection) -> bool:
@@ -55,14 +56,27 @@ class Releases:
             self._given_back(conn)
             self._give_back_later(conn)
 
-    def _given_back(self, conn: GuardedConnection, *, wake: bool = True) -> None:
-        """`conn` is on its way back to psycopg_pool: a waiter may ask it now (`wake`)."""
+    def _given_back(self, conn: GuardedConnection) -> None:
+        """`conn` is on its way back to psycopg_pool: its slot may be a waiter's to ask for."""
         self.out -= 1
-        if wake:
-            self.line.wake_one()
+        self._offer_turns()
         if conn._dbpool_returned_to is not self:  # see `returned`
             conn._dbpool_returned_to = self
             self.returned.add(conn)
+
+    def _offer_turns(self) -> None:
+        """Tell waiters for a hand-over to ask psycopg_pool while it has a slot nobody asks for.
+
+        A slot not out with us (``max_size - out``) is idle in psycopg_pool, being connected,
+        or promised: to a checkout asking psycopg_pool (`asking`) or told to (``line.turns``).
+        A slot promised to nobody is a connection psycopg_pool leaves idle while the line
+        waits for a release that may never come: after an outage, when every replacement
+        connects at once, the line waited out its timeout beside eight idle connections.
+        """
+        line = self.line
+        while line.waiters and self.pool.max_size - self.out > self.asking + line.turns:
+            if not line.wake_one():
+                break
 
     async def release(self, lease: Lease) -> None:
         """Give `lease`'s connection back to the pool; shielded, bounded, never raises."""
@@ -74,10 +88,10 @@ class Releases:
         try:
             if self.pinned is not None:
                 healthy = await self.pinned.give_back(self.settings.release_timeout)
-            elif self.line.waiters and queued_in(self.pool):
-                # checkouts that waited longer, inside psycopg_pool, are served first; the
-                # ones waiting here are told once that queue is empty (or one of it fails)
-                self._given_back(conn, wake=False)
+            elif self.line.waiters and self.asking:
+                # checkouts that waited longer, asking psycopg_pool, are served first (by
+                # psycopg_pool); the ones waiting here are told when a slot is left over
+                self._given_back(conn)
                 healthy = await _cleanup.give_back(self.pool, conn, self.settings.release_timeout)
             elif self.line.waiters and self._hand_over(conn):
                 healthy = True
@@ -106,6 +120,9 @@ class Releases:
         finally:
             if conn._dbpool_lease is lease:
                 conn._dbpool_lease = None
+            if lease.hold_timer is not None:
+                lease.hold_timer.cancel()
+                lease.hold_timer = None
             lease.state = LeaseState.ENDED
             self.leases.discard(lease)
             control = lease.control

@@ -25,8 +25,9 @@ from starlette.requests import HTTPConnection
 
 from ._cleanup import roll_back
 from ._connection import held_lease, request_lease_of, run_own
+from ._dbpool import DBPool
 from ._env import positive_seconds
-from ._lifespan import DBPool, lifespan
+from ._lifespan import lifespan
 from ._log import error, fields
 from ._metrics import route_of
 from ._pooler import bound_transaction
@@ -99,6 +100,8 @@ class ReadReplicas:
         self.max_replica_lag = positive_seconds("max_replica_lag", max_replica_lag)
         self.check_interval = positive_seconds("check_interval", check_interval)
         self._turn = itertools.count()
+        self._measuring = 0  # lifespans of this reader running (each measures the lag)
+        self._warned_unmeasured = False
         self._find_primary = Finder(primary.name)
         self._find = [Finder(db.name) for db in replicas]
         read_dep = Annotated[AsyncConnection[Any], Depends(self._read, scope="function")]
@@ -125,6 +128,7 @@ class ReadReplicas:
     async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
         """Open the primary and the replicas, measure the lag while the app runs."""
         async with self._open_all(app) as state:
+            self._measuring += 1
             pools = pools_of(app)
             pools.optional.update(db.name for db in self.replicas)
             monitor = None
@@ -142,6 +146,7 @@ class ReadReplicas:
                         with contextlib.suppress(asyncio.CancelledError):
                             await monitor
                 pools.optional.difference_update(db.name for db in self.replicas)
+                self._measuring -= 1
 
     async def _monitor(self, app: Any) -> None:
         while True:
@@ -193,6 +198,19 @@ class ReadReplicas:
                 fit.append(runtime)
         return fit
 
+    def _unmeasured(self) -> None:
+        """Nothing measures the replicas' lag, so none is ever fit: say so, once."""
+        if not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            logger.warning(
+                "ReadReplicas(%r, ...): its lifespan is not running, so no replica's lag is "
+                "measured and every read goes to the primary. hint: FastAPI(lifespan="
+                "reader.lifespan), which opens the pools too, instead of lifespan(%s)",
+                self.primary.name,
+                ", ".join(db.name for db in (self.primary, *self.replicas)),
+                extra=fields("replicas_unmeasured", self.primary.name),
+            )
+
     def _left_out(self, runtime: PoolRuntime, why: BaseException) -> None:
         if runtime.replica_lag is not None:
             logger.warning(
@@ -213,6 +231,8 @@ class ReadReplicas:
         lease = None
         route = route_of(connection.scope)
         if request_lease_of(primary) is None:
+            if self.replicas and not self._measuring:
+                self._unmeasured()
             fit = self._fit(connection)
             while fit and lease is None:
                 runtime = fit.pop(next(self._turn) % len(fit))
@@ -228,7 +248,7 @@ class ReadReplicas:
         if lease is None:
             lease = await primary.acquire(for_request=True, route=route)
         try:
-            tx = await begin(lease.conn)
+            tx = await begin(lease.conn, lease.cleanup_timeout)
             try:
                 if runtime is primary:  # a replica is read-only anyway
                     await run_own(lease.conn, "SET TRANSACTION READ ONLY")

@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-from . import _cleanup, _failover
+from . import _cleanup, _failover, _long_holds
 from ._connect_errors import ConnectLog
 from ._connection import (
     GuardedConnection,
@@ -57,6 +57,7 @@ class Settings:
     watchdog: float | None = None
     transaction_pooler: bool | None = None
     writable: bool = False
+    hold_warning: float | None = None
 
 
 class PoolRuntime(Releases):
@@ -97,6 +98,7 @@ class PoolRuntime(Releases):
         # psycopg_pool's idle deque, without its worker task (see _pool_internals).
         self.direct_return = False
         self.out = 0  # connections psycopg_pool handed to us and we have not given back
+        self.asking = 0  # checkouts inside psycopg_pool's getconn() now
         self.round_trip = 0.0  # seconds, the fastest first statement of a new connection
         self.line = WaitingLine(self.loop, pool.name, self._pass_on)
 
@@ -193,6 +195,10 @@ class PoolRuntime(Releases):
             )
             conn._dbpool_lease = lease
             self.leases.add(lease)
+            if self.settings.hold_warning is not None:
+                lease.hold_timer = _long_holds.watch(
+                    lease, self.settings.hold_warning, self.pool.name, for_request
+                )
             if control is not None:
                 if control.lease is None:  # control.hold(), for the request's one lease
                     control.lease = lease
@@ -261,14 +267,16 @@ class PoolRuntime(Releases):
             conn = await line.wait(deadline, limit, self.pool.max_waiting)
             if conn is not None:
                 return conn
-            # None: its turn to ask psycopg_pool (a connection went back to it, or a
-            # checkout waiting inside it failed), which serves it or queues it first
+            # None: its turn to ask psycopg_pool (a slot there is nobody else's), which
+            # serves it or queues it first
+        self.asking += 1
         try:
             conn = await self.pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
         except BaseException:
-            if self.out < self.pool.max_size:
-                self.line.wake_one()  # this may have been a waiter's turn: pass it on
+            self.asking -= 1
+            self._offer_turns()  # the slot it asked for may be nobody's now: pass it on
             raise
+        self.asking -= 1
         assert isinstance(conn, GuardedConnection)
         self.out += 1
         return conn

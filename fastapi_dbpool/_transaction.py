@@ -9,7 +9,9 @@ from typing import Any
 from psycopg import AsyncConnection, AsyncTransaction, Rollback
 
 from . import _cleanup
+from ._connection import CLEANUP_TIMEOUT
 from ._deadline import RequestControl
+from ._interrupted_begin import UNDONE_BY_PSYCOPG, enter
 from ._pooler import bound_transaction
 
 
@@ -25,7 +27,7 @@ async def transaction(
     client gone) rolls back even if the block ended normally, and one whose COMMIT has
     begun is no longer cancelled by its deadline: a 504 never comes with committed data.
     """
-    tx = await begin(conn)
+    tx = await begin(conn, rollback_timeout)
     try:
         if getattr(conn, "_dbpool_local_timeouts", False):
             await bound_transaction(conn)
@@ -36,10 +38,13 @@ async def transaction(
     await commit(tx, rollback_timeout, control)
 
 
-async def begin(conn: AsyncConnection[Any]) -> AsyncTransaction:
-    """BEGIN (a SAVEPOINT inside a transaction)."""
+async def begin(conn: AsyncConnection[Any], timeout: float = CLEANUP_TIMEOUT) -> AsyncTransaction:
+    """BEGIN (a SAVEPOINT inside a transaction); if interrupted, undone (`_interrupted_begin`)."""
     tx = AsyncTransaction(conn)
-    await tx.__aenter__()
+    if UNDONE_BY_PSYCOPG:
+        await tx.__aenter__()
+    else:
+        await enter(tx, timeout)
     return tx
 
 

@@ -14,7 +14,8 @@ at once (`wake_closed`), and one `_Sweep` per loop, a single timer while anythin
 wakes every 0.1 s the waits whose connection was finished some other way
 (``pgconn.finish()``). Either way the task gets psycopg's own ``OperationalError``.
 
-Waits with a timeout, and a psycopg without the pieces used here, go to psycopg's own.
+Waits with a timeout, and a psycopg without the pieces used here (looked up, and `_ready`
+tried on a socket pair, at import), go to psycopg's own.
 Both keep psycopg's record of when a wait last gave the loop a turn (``_last_yield``), so
 that neither kind of wait starves the loop, nor yields where psycopg's would not.
 """
@@ -25,6 +26,7 @@ import asyncio
 import contextvars
 import errno
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -38,6 +40,26 @@ from psycopg.pq import ConnStatus
 from . import _fast_paths
 
 _ready: Any = getattr(waiting, "_ready", None)  # a zero-timeout poll of the socket
+
+
+def _ready_works() -> bool:
+    """Whether psycopg's `_ready` still answers as this module reads it: tried once, at
+    import, on a socket pair, not only looked up by name."""
+    try:
+        a, b = socket.socketpair()
+    except OSError:
+        return False
+    try:
+        with a, b:
+            idle_r = _ready(a.fileno(), waiting.WAIT_R)
+            idle_w = _ready(a.fileno(), waiting.WAIT_W)
+            b.send(b"x")
+            got = _ready(a.fileno(), waiting.WAIT_R)
+    except Exception:
+        return False
+    return bool(idle_r == 0 and idle_w == waiting.READY_W and got == waiting.READY_R)
+
+
 SUPPORTED = (
     _fast_paths.ENABLED
     and _ready is not None
@@ -45,6 +67,9 @@ SUPPORTED = (
         hasattr(waiting, name)
         for name in ("WAIT_R", "WAIT_W", "READY_R", "READY_W", "MAX_BUSY_TIME", "_last_yield")
     )
+    and isinstance(waiting.MAX_BUSY_TIME, float)
+    and isinstance(waiting._last_yield, float)
+    and _ready_works()
 )
 if SUPPORTED:
     _WAIT_R, _WAIT_W = waiting.WAIT_R, waiting.WAIT_W

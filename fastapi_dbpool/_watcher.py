@@ -18,7 +18,7 @@ from . import _cleanup
 from ._clock import Clock, Due
 from ._connection import LeaseState
 from ._deadline import RequestControl
-from ._log import error, fields
+from ._log import Bursts, error, fields
 from ._metrics import route_of
 from ._registry import find_runtime
 from .errors import COMMIT_UNKNOWN_DETAIL, DEADLINE_DETAIL
@@ -30,6 +30,8 @@ logger = logging.getLogger("fastapi_dbpool")
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _WATCH_AFTER = 0.25  # a request still running after this is watched for a disconnect
 _MAX_AHEAD = 64  # messages read ahead of the app, whatever their size
+# one INFO line per burst of cut requests, per reason: a burst cut 44 requests, 44 lines
+_cut_bursts = Bursts()
 _stoppers: set[asyncio.Task[Any]] = set()  # referenced until done (the loop holds weak refs)
 _ENDED_SCOPE: Scope = {"type": "http"}
 #: how long past the deadline a COMMIT the server has not answered yet is waited for
@@ -223,19 +225,23 @@ class Watcher(RequestControl):
             self.commit_unanswered = True
         self.stopping = reason
         self._stop_watching()
-        logger.info(
-            "cancelling %s %s: %s",
-            self.scope.get("method"),
-            self.scope.get("path"),
-            "deadline passed" if reason == "deadline" else "client disconnected",
-            extra=fields(
-                "request_cancelled",
-                method=self.scope.get("method"),
-                path=self.scope.get("path"),
-                route=route_of(self.scope),
-                reason=reason,
-            ),
-        )
+        held = _cut_bursts.admit(reason)
+        if held is not None:  # the first of a burst, naming how many the last one held back
+            logger.info(
+                "cancelling %s %s: %s%s",
+                self.scope.get("method"),
+                self.scope.get("path"),
+                "deadline passed" if reason == "deadline" else "client disconnected",
+                f" ({held} more since the last line like it)" if held else "",
+                extra=fields(
+                    "request_cancelled",
+                    method=self.scope.get("method"),
+                    path=self.scope.get("path"),
+                    route=route_of(self.scope),
+                    reason=reason,
+                    held_back=held,
+                ),
+            )
         stopper = self.loop.create_task(self._cancel())
         _stoppers.add(stopper)
         stopper.add_done_callback(_stoppers.discard)
@@ -260,7 +266,9 @@ class Watcher(RequestControl):
                 after = lease.runtime.round_trip if lease.runtime is not None else 0.0
                 cancels.append(
                     self.loop.create_task(
-                        _cleanup.cancel_on_server(conn, lease.cleanup_timeout, after=after)
+                        _cleanup.cancel_on_server(
+                            conn, lease.cleanup_timeout, after=after, target=conn._dbpool_gen
+                        )
                     )
                 )
         for task in cancels:

@@ -18,10 +18,13 @@
 
 psycopg's own errors (a failing query, a failed COMMIT) pass through unwrapped, but for a
 broken connection's: `ConnectionLostError` is a psycopg.OperationalError too.
+`fastapi_dbpool.handle_database_errors` answers the ones a client can act on (409, 503).
 Messages say what happened and what to do; none contains a password.
 """
 
 from __future__ import annotations
+
+import time
 
 import psycopg
 from starlette.exceptions import HTTPException
@@ -65,12 +68,22 @@ class ConfigurationError(DBPoolError, ValueError):
 class PoolNotRunningError(DBPoolError, RuntimeError):
     """A connection was asked for while no pool is running for the app."""
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", ended_at: float | None = None) -> None:
+        if ended_at is not None:
+            when = time.strftime("%H:%M:%S", time.localtime(ended_at))
+            super().__init__(
+                f"The connection pool is no longer running ({detail}): its lifespan ended at "
+                f"{when}, {max(time.time() - ended_at, 0.0):.1f}s ago. A DBPool serves only "
+                "while its lifespan (or `async with db.open():`) runs; work after that (a "
+                "task that outlived shutdown, a second asyncio.run()) needs a block of its own."
+            )
+            return
         super().__init__(
             "No connection pool is running for this app"
             + (f" ({detail})" if detail else "")
             + ". Pass `lifespan=db.lifespan` to FastAPI(), or enter `db.lifespan(app)` inside "
-            "your own lifespan. With Starlette's TestClient, use it as a context manager "
+            "your own lifespan; outside an app (a job, a script), use `async with db.open():`. "
+            "With Starlette's TestClient, use it as a context manager "
             "(`with TestClient(app) as client:`) so that the lifespan runs."
         )
 
@@ -94,13 +107,19 @@ class WrongEventLoopError(DBPoolError, RuntimeError):
 class PoolOpenError(DBPoolError, RuntimeError):
     """The lifespan could not open the pool: PostgreSQL unreachable, refused or too slow."""
 
-    def __init__(self, target: str, timeout: float, cause: str, name: str | None = None) -> None:
+    def __init__(
+        self, target: str, timeout: float, cause: str, name: str | None = None, hint: str = ""
+    ) -> None:
         self.pool_name = name
         pool = "the connection pool" if name is None else f"pool {name!r}"
         super().__init__(
             f"Could not open {pool} to {target} within {timeout:g}s: {cause}. "
-            "Check the connection URL (host, port, database, user, password), that the server "
-            "is running and accepts connections, or raise open_timeout."
+            + (
+                f"hint: {hint}."
+                if hint
+                else "Check the connection URL (host, port, database, user, password), that "
+                "the server is running and accepts connections, or raise open_timeout."
+            )
         )
 
 

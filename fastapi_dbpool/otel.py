@@ -46,7 +46,7 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
     ) from ex
 
 from ._connect_errors import CAUSES
-from ._lifespan import DBPool
+from ._dbpool import DBPool
 from ._metrics import WAIT_BUCKETS, PoolStats
 from .errors import ConfigurationError
 

@@ -2,12 +2,12 @@
 
 ::
 
-    from prometheus_client import CollectorRegistry, make_asgi_app
-    from fastapi_dbpool.prometheus import DBPoolCollector
+    from prometheus_client import CollectorRegistry
+    from fastapi_dbpool.prometheus import DBPoolCollector, metrics_router
 
     registry = CollectorRegistry()
     registry.register(DBPoolCollector(db))
-    app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(metrics_router(registry))  # GET /metrics
 
 Every metric carries a ``pool`` label (the pool's name); ``DBPoolCollector(db, replica)``
 reports several pools. Nothing is reported of a pool that is not running. Collection
@@ -18,13 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from fastapi import APIRouter, Request, Response
+
 try:
+    from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
         Metric,
     )
+    from prometheus_client.exposition import choose_encoder
     from prometheus_client.registry import Collector
 except ImportError as ex:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -33,11 +37,11 @@ except ImportError as ex:  # pragma: no cover - depends on the environment
     ) from ex
 
 from ._connect_errors import CAUSES
-from ._lifespan import DBPool
+from ._dbpool import DBPool
 from ._metrics import PoolStats, RouteStats
 from .errors import ConfigurationError
 
-__all__ = ["DBPoolCollector"]
+__all__ = ["DBPoolCollector", "metrics_router"]
 
 Buckets = tuple[tuple[float, int], ...]
 
@@ -159,3 +163,21 @@ class DBPoolCollector(Collector):
         yield gauge("replica_lag_seconds", "A read replica's lag, as last measured by "
                     "ReadReplicas (absent while unknown).",
                     lambda s: s.replica_lag_seconds)  # fmt: skip
+
+
+def metrics_router(registry: CollectorRegistry = REGISTRY, path: str = "/metrics") -> APIRouter:
+    """``GET /metrics``: `registry` in Prometheus's text format (or OpenMetrics, if asked).
+
+    ``app.include_router(metrics_router(registry))``. prometheus_client's ASGI app, mounted
+    with ``app.mount("/metrics", ...)``, answers ``/metrics`` with a 307 to ``/metrics/``,
+    which scrapers configured for ``/metrics`` do not all follow. Kept out of the OpenAPI
+    schema; the endpoint is a plain ``def``, run in a worker thread, as collection may be.
+    """
+    router = APIRouter()
+
+    @router.get(path, include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry), media_type=content_type)
+
+    return router

@@ -167,3 +167,24 @@ def pgbouncer(database_url: str) -> Iterator[_pgbouncer.PgBouncer]:
         pytest.skip("Debian's pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)")
     with _pgbouncer.running(database_url) as bouncer:
         yield bouncer
+
+
+async def forward_to_server(
+    database_url: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Pipe one client connection to the suite's server, both ways, until either side ends:
+    a TCP front the tests can make fail (a server that comes up late, a silent network)."""
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    host, port = str(params.get("host") or "/tmp"), int(params.get("port") or 5432)
+    if host.startswith("/"):
+        up_r, up_w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+    else:
+        up_r, up_w = await asyncio.open_connection(host, port)
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)

@@ -13,8 +13,9 @@ from psycopg import AsyncConnection, waiting
 original_wait = AsyncConnection.wait
 
 
-async def wait_without_interval(self: Any, gen: Any, *, timeout: float | None = None) -> Any:
-    return await original_wait(self, gen, timeout=timeout)
+async def wait_without_interval(self: Any, gen: Any, **kwargs: Any) -> Any:
+    kwargs.pop("interval", None)  # what psycopg itself passes is kept (timeout from 3.3.9)
+    return await original_wait(self, gen, **kwargs)
 
 
 AsyncConnection.wait = wait_without_interval  # type: ignore[assignment]

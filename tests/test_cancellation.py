@@ -252,3 +252,28 @@ async def test_no_statement_is_sent_while_a_cancel_request_is_in_flight(
         assert conns[0].pgconn.transaction_status == TransactionStatus.IDLE  # nor been sent
         in_flight.set()
         assert await task == (1,)
+
+
+@pytest.mark.parametrize("block", ["conn.transaction()", "db.transaction()"])
+async def test_a_begin_interrupted_by_a_cancellation_leaves_no_block_counted_open(
+    database_url: str, app_name: str, block: str
+) -> None:
+    """psycopg before 3.3.7 counted a transaction block as open when a cancellation landed
+    in its BEGIN: the connection's next `conn.transaction()` sent a SAVEPOINT, outside any
+    transaction, and failed."""
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()):
+        for _ in range(5):
+            async with db.connection() as conn:
+                with anyio.move_on_after(0) as scope:  # at the first wait: BEGIN's answer
+                    if block == "conn.transaction()":
+                        async with conn.transaction():
+                            await conn.execute("SELECT 1")
+                    else:
+                        async with db.transaction() as other:
+                            await other.execute("SELECT 1")
+                assert scope.cancelled_caught
+                assert conn.pgconn.transaction_status == TransactionStatus.IDLE
+                async with conn.transaction():  # a BEGIN, not a SAVEPOINT
+                    await conn.execute("SELECT 1")
+                    assert conn.pgconn.transaction_status == TransactionStatus.INTRANS

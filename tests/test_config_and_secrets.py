@@ -56,6 +56,61 @@ def test_from_env_reads_settings() -> None:
     assert SECRET not in str(db)
 
 
+def test_every_setting_has_a_variable_and_the_settings_page_gives_its_default() -> None:
+    """retry_after, release_timeout and watchdog had no variable, and min_size's default
+    (psycopg_pool's 4) was found only in an error message."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from fastapi_dbpool._config import MAX_IDLE
+    from fastapi_dbpool._env import VARIABLES
+
+    page = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
+    found = re.findall(r"^\| `(\w+)` \| ([^|]+) \| `(DBPOOL_\w+)`", page, re.M)
+    rows = {name: default for name, default, _ in found}
+    documented = {var: name for name, _, var in found}
+    assert documented == {var: keyword for var, (keyword, _) in VARIABLES.items()}
+    ours = {n: p.default for n, p in inspect.signature(DBPool.__init__).parameters.items()}
+    theirs = {
+        n: p.default for n, p in inspect.signature(AsyncConnectionPool.__init__).parameters.items()
+    }
+    shown = {
+        "min_size": f"{theirs['min_size']} ",
+        "max_lifetime": f"{theirs['max_lifetime']:.0f} s",
+    }
+    shown["max_idle"] = f"{MAX_IDLE:.0f} s"
+    for name in ("acquire_timeout", "open_timeout", "close_timeout", "release_timeout", "watchdog"):
+        shown[name] = f"{ours[name]:g} s"
+    shown["retry_after"] = f"{ours['retry_after']} s"
+    for name in ("allow_concurrent_tasks", "transaction_pooler", "writable"):
+        shown[name] = f"`{ours[name]}`"
+    for name, default in shown.items():
+        assert rows[name].startswith(default), (name, rows[name], default)
+
+
+def test_the_new_variables_are_read() -> None:
+    db = DBPool.from_env(
+        {
+            "DATABASE_URL": "postgresql://db.internal/app",
+            "DBPOOL_RETRY_AFTER": "4",
+            "DBPOOL_RELEASE_TIMEOUT": "2.5",
+            "DBPOOL_WATCHDOG": "off",
+            "DBPOOL_ALLOW_CONCURRENT_TASKS": "yes",
+        }
+    )
+    assert db._settings.retry_after == 4
+    assert db._settings.release_timeout == 2.5
+    assert db._settings.watchdog is None
+    assert db._settings.allow_concurrent_tasks is True
+    env = {"DATABASE_URL": "postgresql://db.internal/app", "DBPOOL_WATCHDOG": "0.25"}
+    assert DBPool.from_env(env)._settings.watchdog == 0.25
+    with pytest.raises(ConfigurationError, match=r"DBPOOL_WATCHDOG='soon' .*\(seconds, or off\)"):
+        DBPool.from_env({"DATABASE_URL": "postgresql://db.internal/app", "DBPOOL_WATCHDOG": "soon"})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -149,3 +204,16 @@ def test_every_warning_carries_a_hint() -> None:
                 text = ast.unparse(node)
                 assert "hint:" in text or "HINT_" in text, f"{path.name}: {text}"
     assert calls >= 10
+
+
+def test_the_installed_version_is_the_changelogs_newest() -> None:
+    """`pip show` said 0.1.0 while the changelog's 0.1.0 listed half of what the install
+    held, the rest under "Unreleased"."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    installed = importlib.metadata.version("fastapi_dbpool")
+    page = (Path(__file__).parent.parent / "docs" / "changelog.md").read_text()
+    newest = re.findall(r"^## (\d+\.\d+\.\d+)", page, re.M)[0]
+    assert re.match(r"\d+\.\d+\.\d+", installed)[0] == newest, (installed, newest)  # type: ignore[index]

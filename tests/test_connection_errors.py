@@ -129,7 +129,7 @@ def test_real_refusals_are_classified(database_url: str, role: str, server: Serv
     assert classify(closed) == "refused"
     server.query(f"ALTER ROLE {role} NOLOGIN")
     assert classify(_refusal(make_conninfo(database_url, user=role))) == "authentication"
-    assert classify(_refusal(make_conninfo(database_url, dbname="no_such_db"))) == "other"
+    assert classify(_refusal(make_conninfo(database_url, dbname="no_such_db"))) == "missing"
 
 
 async def test_a_failing_kwargs_callable_fails_startup_with_pool_open_error(

@@ -7,6 +7,8 @@ run against the suite's server.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from typing import Any
 
 import psycopg
@@ -15,7 +17,7 @@ from fastapi import FastAPI
 
 from fastapi_dbpool import CancellationMiddleware, ConnectionDep, ConnectionLostError
 
-from .conftest import Server, make_db, pid_of, serve
+from .conftest import Server, forward_to_server, make_db, pid_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +142,100 @@ def test_dead_peer_defaults_are_documented_as_set() -> None:
     page = (Path(__file__).parent.parent / "docs" / "network.md").read_text()
     for key, value in DEAD_PEER_DEFAULTS.items():
         assert f"| `{key}` | `{value}`" in page, key
+
+
+class _FallsSilent:
+    """A TCP front for the suite's server: connections are forwarded until `silence()`; from
+    then on a new one gets no answer at all (its SYN is dropped: the listener's accept queue
+    is kept full), as a cancel request into a partition or through a firewall that drops it.
+    Connections made before go on working."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.listener.setblocking(False)
+        self.url = psycopg.conninfo.make_conninfo(
+            database_url, host="127.0.0.1", port=self.listener.getsockname()[1]
+        )
+        self.fillers: list[socket.socket] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def start(self) -> None:
+        self.accepting = asyncio.create_task(self._accept())
+
+    def silence(self) -> None:
+        self.accepting.cancel()
+        for _ in range(2):  # one waits in the accept queue, the next fills it
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.listener.getsockname())
+            self.fillers.append(filler)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _ = await loop.sock_accept(self.listener)
+            self.tasks.append(asyncio.create_task(self._forward(client)))
+
+    async def _forward(self, client: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=client)
+        await forward_to_server(self.database_url, reader, writer)
+
+    def close(self) -> None:
+        for task in (self.accepting, *self.tasks):
+            task.cancel()
+        for sock in (*self.fillers, self.listener):
+            sock.close()
+
+
+async def test_a_cancel_request_nobody_answers_does_not_stop_the_event_loop(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """psycopg's cancel_safe() polled libpq's cancel connection before its socket was
+    writable (psycopg #1335): with libpq 18.0 PQcancelPoll() then waited in a blocking
+    poll(). Over a partition the whole loop stopped until tcp_user_timeout (10 s), and
+    every request of the process missed its deadline."""
+    front = _FallsSilent(database_url)
+    front.start()
+    db = make_db(
+        front.url,
+        app_name,
+        min_size=1,
+        max_size=1,
+        release_timeout=1,
+        close_timeout=1,  # its replacement keeps trying to connect into the silence
+        kwargs={"connect_timeout": 1},
+    )
+    app = FastAPI(lifespan=db.lifespan)
+    app.add_middleware(CancellationMiddleware, timeout=0.5)
+
+    @app.get("/sleep")
+    async def sleep(conn: ConnectionDep) -> Any:
+        front.silence()  # the server's connections work on; the cancel request's cannot
+        await conn.execute("SELECT pg_sleep(30)")
+
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        async with serve(app, db) as client:
+            beat = asyncio.create_task(heartbeat())
+            response = await client.get("/sleep")
+            await asyncio.sleep(1.5)  # the cancel request's whole timeout, and then some
+            beat.cancel()
+    finally:
+        front.close()
+    assert response.status_code == 504
+    assert len(gaps) > 20
+    assert max(gaps) < 0.5  # the loop never stopped
+    # the connection that could not be cancelled was closed: its statement ended with it
+    assert server.wait_until(lambda states: states == []) == []

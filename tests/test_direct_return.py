@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from fastapi_dbpool import DBPool
-from fastapi_dbpool._pool_internals import can_return_now
+from fastapi_dbpool._pool_internals import can_return_now, returns_now_as_it_should
 
 from .conftest import Server, make_db, needs_pool_internals, pid_of
 
@@ -32,6 +32,36 @@ async def test_the_installed_psycopg_pool_takes_direct_returns(
     db = make_db(database_url, app_name, min_size=1, max_size=1)
     async with db.lifespan(FastAPI()):
         assert can_return_now(db.pool)
+        assert returns_now_as_it_should(db.pool)
+        assert db._running().direct_return
+        async with db.connection() as conn:  # the self-test's connection serves as before
+            assert await pid_of(conn)
+        assert _idle_in_pool(db) == 1
+
+
+@needs_pool_internals
+async def test_a_psycopg_pool_whose_fields_mean_something_else_gets_no_direct_return(
+    database_url: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names and types can stay while their meaning moves (a release keeping its idle
+    connections elsewhere, with `_pool` left behind): the open-time self-test, by
+    behaviour, must then leave every return to psycopg_pool."""
+    import psycopg_pool
+
+    measures = psycopg_pool.AsyncConnectionPool._get_measures
+
+    def elsewhere(self: Any) -> dict[str, int]:
+        return {**measures(self), "pool_available": 99}
+
+    monkeypatch.setattr(psycopg_pool.AsyncConnectionPool, "_get_measures", elsewhere)
+    db = make_db(database_url, app_name, min_size=1, max_size=1)
+    async with db.lifespan(FastAPI()):
+        assert can_return_now(db.pool)  # the names and types are all there
+        assert not returns_now_as_it_should(db.pool)
+        assert not db._running().direct_return
+        for _ in range(2):
+            async with db.connection() as conn:
+                assert await pid_of(conn)
 
 
 @needs_pool_internals

@@ -1,5 +1,6 @@
 """What the Dockerfile and compose.yaml rely on, checked without a Docker engine."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -59,3 +60,13 @@ def test_compose_points_the_app_at_its_database_and_publishes_on_localhost() -> 
     assert "DATABASE_URL: postgresql://postgres:example@db:5432/postgres" in compose
     assert '"127.0.0.1:8000:8000"' in compose
     assert "condition: service_healthy" in compose
+
+
+def test_the_start_order_the_docs_show_is_compose_yamls() -> None:
+    """docs/docker.md shows how compose orders the start: what it shows must be there."""
+    page = (ROOT / "docs" / "docker.md").read_text()
+    (shown,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    compose = (ROOT / "compose.yaml").read_text()
+    for line in shown.splitlines():
+        if line.strip().startswith(("test:", "condition:", "interval:", "retries:")):
+            assert line.strip() in compose, line

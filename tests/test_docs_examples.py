@@ -45,4 +45,6 @@ def test_the_docs_have_examples() -> None:
 
 @pytest.mark.parametrize("block", blocks())
 def test_example_runs(block: str) -> None:
+    if "sqlalchemy" in block:  # docs/sqlalchemy.md: the optional extra
+        pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
     exec(compile(block, "example", "exec"), quickstart())

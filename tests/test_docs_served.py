@@ -123,8 +123,9 @@ def test_the_quickstart_serves_and_commits(
     database_url: str, tmp_path: Path, app_name: str
 ) -> None:
     with serving(database_url, app_name, tmp_path, "README.md", sql=(ITEMS,)) as served:
-        assert httpx.post(served.base + "/items", params={"name": "first"}).status_code == 200
+        assert httpx.post(served.base + "/items", params={"name": "first"}).status_code == 201
         assert httpx.get(served.base + "/items/1").json() == [1, "first"]
+        assert httpx.get(served.base + "/items").json() == [[1, "first"]]
         with psycopg.connect(served.url) as conn:
             assert conn.execute("SELECT name FROM items").fetchall() == [("first",)]
 
@@ -161,7 +162,7 @@ def test_the_prometheus_setup_serves_metrics_by_route_and_json_logs(
         for n in (3, 4):
             assert httpx.get(f"{served.base}/items/{n}").json() == n
         assert httpx.get(served.base + "/readyz").status_code == 200
-        text = httpx.get(served.base + "/metrics/").text
+        text = httpx.get(served.base + "/metrics").text
     labels = 'pool="fastapi_dbpool",route="/items/{item_id}"'
     assert f"fastapi_dbpool_connection_use_seconds_count{{{labels}}} 2.0" in text
     assert f"fastapi_dbpool_acquire_wait_seconds_count{{{labels}}} 2.0" in text
@@ -239,5 +240,5 @@ def test_the_deadline_and_operations_fragments_serve_added_to_the_quickstart(
         # operations.md: health and metrics
         assert httpx.get(base + "/livez").status_code == 200
         assert httpx.get(base + "/readyz").json()["status"] == "ready"
-        metrics = httpx.get(base + "/metrics/").text
+        metrics = httpx.get(base + "/metrics").text
     assert 'fastapi_dbpool_pool_max_connections{pool="fastapi_dbpool"} 10.0' in metrics

@@ -68,7 +68,7 @@ async def test_export_report_health_and_metrics(dbpool_client: httpx.AsyncClient
     assert (await client.get("/report?seconds=0")).json() == {"items": 3, "quantity": 3}
     assert (await client.get("/livez")).status_code == 200
     assert (await client.get("/readyz")).json()["status"] == "ready"
-    metrics = (await client.get("/metrics/")).text
+    metrics = (await client.get("/metrics")).text
     assert 'fastapi_dbpool_cancelled_requests_total{pool="fastapi_dbpool"} 1.0' in metrics
 
 

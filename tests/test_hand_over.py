@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from fastapi_dbpool import DBPool, PoolNotRunningError
+from fastapi_dbpool import DBPool, PoolExhaustedError, PoolNotRunningError
 
 from .conftest import Server, make_db, needs_pool_internals, pid_of, timers_started
 
@@ -208,3 +208,65 @@ async def test_a_checkout_waiting_in_psycopg_pool_is_served_before_later_ones(
         release.set()
         await asyncio.gather(*early, late)
         assert "d" in got
+
+
+async def test_no_checkout_waits_for_a_hand_over_beside_an_idle_connection(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """A released connection that served a checkout asking psycopg_pool left the replacement
+    psycopg_pool was connecting for that checkout to nobody: it stayed idle while the next
+    waiter waited for a hand-over until its timeout. After an outage every replacement
+    connects at once, and in the network lab the line waited beside eight idle connections
+    for 5 s (tests/test_network.py)."""
+    connected = asyncio.Event()  # until set, a replacement connection is not ready
+    connections: list[Any] = []
+
+    async def configure(conn: Any) -> None:
+        connections.append(conn)
+        if len(connections) > 2:
+            await connected.wait()
+
+    db = make_db(database_url, app_name, min_size=2, max_size=2, configure=configure)
+    got: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        async with db.connection(timeout=5) as conn:
+            got[name] = await pid_of(conn)
+            await done.wait()
+
+    async with db.lifespan(FastAPI()):
+        runtime = db._running()
+        broken = await runtime.acquire(for_request=False)
+        kept = await runtime.acquire(for_request=False)
+        gives_up = asyncio.create_task(_take_within(db, 0.3))  # waits, then asks and fails
+        second = asyncio.create_task(hold("second"))
+        third = asyncio.create_task(_take_within(db, 3.0, got, "third"))
+        await _until_waiting(db, 3)
+        broken.conn.pgconn.finish()
+        await runtime.release(broken)  # psycopg_pool connects its replacement, slowly
+        with pytest.raises(PoolExhaustedError):
+            await gives_up
+        async with asyncio.timeout(5):  # the second asks psycopg_pool in its place
+            while db.pool.get_stats().get("requests_waiting", 0) < 2:
+                await asyncio.sleep(0.01)
+        await runtime.release(kept)  # psycopg_pool gives it to the second
+        async with asyncio.timeout(5):
+            while "second" not in got:
+                await asyncio.sleep(0.01)
+        connected.set()  # the replacement is the third's: it must not wait for the second
+        async with asyncio.timeout(1):
+            await third
+        assert got["third"] != got["second"]
+        done.set()
+        await second
+        assert db.stats().requests_waiting == 0
+    assert server.wait_until(lambda states: states == []) == []
+
+
+async def _take_within(
+    db: DBPool, timeout: float, got: dict[str, int] | None = None, name: str = ""
+) -> None:
+    async with db.connection(timeout=timeout) as conn:
+        if got is not None:
+            got[name] = await pid_of(conn)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastapi_dbpool import (
@@ -19,7 +19,7 @@ from fastapi_dbpool import (
     PoolNotRunningError,
     PoolStats,
 )
-from fastapi_dbpool.prometheus import DBPoolCollector
+from fastapi_dbpool.prometheus import DBPoolCollector, metrics_router
 
 from .conftest import make_db, serve
 
@@ -58,7 +58,7 @@ def busy_app(db: DBPool) -> FastAPI:
 
     registry = CollectorRegistry()
     registry.register(DBPoolCollector(db))
-    app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(metrics_router(registry))
     return app
 
 
@@ -98,7 +98,7 @@ async def test_stats_and_prometheus_count_what_happened(database_url: str, app_n
             assert served.status_code == 200, served.text
             assert served.json() == expected
 
-        text = (await client.get("/metrics/")).text
+        text = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     value: dict[tuple[str, str | None], float] = collections.defaultdict(float)
     for sample in (s for f in families.values() for s in f.samples):  # summed over routes

@@ -4,6 +4,7 @@ import asyncio
 import contextvars
 import gc
 import json
+import logging
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,9 +26,12 @@ from fastapi_dbpool import (
     PoolExhaustedError,
     StreamTransactionDep,
     TransactionDep,
+    _log,
+    _watcher,
     deadline,
 )
 from fastapi_dbpool._deadline import RequestControl, current_control
+from fastapi_dbpool._log import Bursts
 from fastapi_dbpool._watcher import Watcher
 
 from .conftest import Server, make_db, pid_of
@@ -489,6 +493,33 @@ async def test_a_gateway_header_shortens_the_deadline_but_never_lengthens_it() -
     assert bad.status == 400
     assert "X-Request-Timeout" in json.loads(bad.body)["detail"]
     assert "soon" in json.loads(bad.body)["detail"]
+
+
+async def test_a_burst_of_cut_requests_is_one_log_line_with_a_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst cut 44 requests and logged 44 INFO lines: an outage drowned the log."""
+    monkeypatch.setattr(_watcher, "_cut_bursts", Bursts())
+    app = FastAPI()
+    app.add_middleware(CancellationMiddleware, timeout=0.05)
+
+    @app.get("/slow")
+    async def slow() -> None:
+        await asyncio.sleep(1)
+
+    clients = [Client(body(b"")) for _ in range(20)]
+    with caplog.at_level(logging.INFO, logger="fastapi_dbpool"):
+        await asyncio.gather(*(call(app, c, "/slow") for c in clients))
+        assert [c.status for c in clients] == [504] * 20
+        lines = [r for r in caplog.records if getattr(r, "dbpool_event", "") == "request_cancelled"]
+        assert len(lines) == 1
+        monkeypatch.setattr(_log, "BURST", 0.0)  # the burst is over: the next line counts it
+        late = Client(body(b""))
+        await call(app, late, "/slow")
+    lines = [r for r in caplog.records if getattr(r, "dbpool_event", "") == "request_cancelled"]
+    assert len(lines) == 2
+    assert "19 more since the last line like it" in lines[1].getMessage()
+    assert getattr(lines[1], "dbpool_held_back", None) == 19
 
 
 async def test_deadline_without_the_middleware_is_a_clear_error() -> None:

@@ -27,14 +27,23 @@ def _during(report: dict[str, Any]) -> list[tuple[float, float, int, str]]:
 
 
 def _check_recovery(report: dict[str, Any]) -> None:
-    """After the heal: a success within 2 s, the rate back within 5 s, and PostgreSQL with
-    exactly the pool's idle backends."""
+    """After the heal: a success within 2 s, at least half the rate of before the fault in
+    some second ending by 5 s after it, and PostgreSQL with exactly the pool's idle backends.
+
+    A CI run had its first success 5.4 s after the heal; the network lab then showed (one
+    run in six) checkouts waiting for a hand-over, until their 5 s timeout, beside
+    connections psycopg_pool had just reopened (fixed: `Releases._offer_turns`). An earlier
+    run's 87 requests in the second from 5 s to 6 s, against 1,300 a second before the
+    fault, fit the same stall."""
     reqs, fault, healed = report["requests"], report["fault_at"], report["healed_at"]
     before = [r for r in reqs if r[2] == 200 and fault - 2 <= r[1] < fault]
     first = min(r[1] for r in reqs if r[2] == 200 and r[0] >= healed)
     assert first - healed < 2.0, f"first success {first - healed:.2f}s after the heal"
-    back = [r for r in reqs if r[2] == 200 and healed + 5 <= r[1] < healed + 6]
-    assert len(back) >= 0.5 * len(before) / 2, (len(back), len(before))
+    rates = [
+        sum(1 for r in reqs if r[2] == 200 and healed + k <= r[1] < healed + k + 1)
+        for k in range(5)
+    ]
+    assert max(rates) >= 0.5 * len(before) / 2, (rates, len(before))
     # an abandoned backend ends when the server notices its socket: the app's own remain
     assert report["backends"] == ["idle"] * 10, report["backends"]
 

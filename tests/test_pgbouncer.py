@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from psycopg.rows import dict_row
 
+from benchmarks import _pgbouncer
 from benchmarks._pgbouncer import PgBouncer
 from fastapi_dbpool import (
     CancellationMiddleware,
@@ -45,9 +46,11 @@ def plain_client(bouncer: PgBouncer) -> psycopg.Connection[Any]:
     return psycopg.connect(bouncer.url, autocommit=True, prepare_threshold=None)
 
 
-async def test_a_pooler_in_front_is_detected_and_the_fix_named(
+async def test_an_undecided_pool_behind_a_pooler_takes_the_safe_mode_and_says_so(
     database_url: str, app_name: str, pgbouncer: PgBouncer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Left undecided behind PgBouncer in transaction mode, the pool warned and stayed in
+    session mode: 5 and 9 of 50 requests then answered 500 (DuplicatePreparedStatement)."""
     caplog.set_level(logging.WARNING, "fastapi_dbpool")
     for db in (
         make_db(database_url, app_name),  # direct: nothing to say
@@ -57,15 +60,42 @@ async def test_a_pooler_in_front_is_detected_and_the_fix_named(
         async with db.lifespan(FastAPI()):
             pass
     assert not [r for r in caplog.records if "pooler" in r.getMessage()]
-    undecided = pooled(
-        pgbouncer, app_name, transaction_pooler=None, kwargs={"row_factory": dict_row}
-    )
-    async with undecided.lifespan(FastAPI()):
-        pass
+    undecided = pooled(pgbouncer, app_name, transaction_pooler=None)
+    async with serve(counter_app(undecided), undecided) as client:
+        answers = await asyncio.gather(
+            *(client.get(f"/add/{i}") if i % 2 else client.post(f"/tx/{i}") for i in range(300))
+        )
+        assert [a.status_code for a in answers] == [200] * 300
+        async with undecided.connection() as conn:
+            with pytest.raises(SessionStateError):
+                await conn.execute("SET work_mem = '64MB'")
+            assert (await (await conn.execute("SELECT 1")).fetchone()) == (1,)
     warnings = [r.getMessage() for r in caplog.records if "pooler" in r.getMessage()]
     assert len(warnings) == 1
-    assert "transaction_pooler=True" in warnings[0]
-    assert "DBPOOL_TRANSACTION_POOLER=1" in warnings[0]
+    assert "running in transaction-pooler mode" in warnings[0]
+    assert "transaction_pooler=True (DBPOOL_TRANSACTION_POOLER=1)" in warnings[0]
+    assert "False if it pools by session" in warnings[0]
+
+
+async def test_an_undecided_pool_with_startup_options_stays_and_warns(
+    database_url: str, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Startup options are refused in transaction-pooler mode: a pooler that lets them through
+    keeps the pool as it is, with the choice named."""
+    if _pgbouncer.binary() is None:
+        pytest.skip("Debian's pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)")
+    caplog.set_level(logging.WARNING, "fastapi_dbpool")
+    settings = "ignore_startup_parameters = options\n"
+    with _pgbouncer.running(database_url, settings=settings) as bouncer:
+        db = pooled(
+            bouncer, app_name, transaction_pooler=None, kwargs={"options": "-c work_mem=64MB"}
+        )
+        async with db.lifespan(FastAPI()), db.connection() as conn:
+            await conn.execute("SET work_mem = '32MB'")  # session mode: not refused
+    (warning,) = [r.getMessage() for r in caplog.records if "pooler" in r.getMessage()]
+    assert "stays in session mode" in warning
+    assert "startup parameter `options`" in warning
+    assert "transaction_pooler=True (DBPOOL_TRANSACTION_POOLER=1)" in warning
 
 
 def test_the_mode_from_the_environment_and_what_it_refuses(pgbouncer: PgBouncer) -> None:

@@ -47,6 +47,11 @@ async def sleep(conn: ConnectionDep):
     await conn.execute("SELECT pg_sleep(30)")
 
 
+@app_.get("/boom")
+async def boom():
+    raise RuntimeError("boom")
+
+
 @app_.post("/commit")
 async def commit(conn: ConnectionDep):
     await conn.execute("INSERT INTO items (name) VALUES ('escaped')")
@@ -161,8 +166,8 @@ def test_the_schema_is_built_once_and_fresh_databases_are_copies(
             "    return SCHEMA\n",
             """    def build(url):
         import pathlib, psycopg
-        with pathlib.Path("schema_runs.txt").open("a") as f:
-            f.write("run\\n")
+        with pathlib.Path("schema_runs.txt").open("a") as f:  # a URL, as migrations take
+            f.write(url.partition("://")[0] + "\\n")
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SCHEMA)
     return build
@@ -189,12 +194,14 @@ def test_the_schema_is_built_once_and_fresh_databases_are_copies(
                 assert await cur.fetchall() == [("a",)]  # committed: seen by another session
 
         def test_session_database_has_the_schema(dbpool_url):
+            assert dbpool_url.startswith("postgresql://")
             with psycopg.connect(dbpool_url) as conn:
                 assert conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
         """,
     )
     result.assert_outcomes(passed=4)
-    assert (project.path / "schema_runs.txt").read_text() == "run\n"
+    # once, given a URL (it was a libpq key=value string, which Alembic cannot take)
+    assert (project.path / "schema_runs.txt").read_text() == "postgresql\n"
     assert leftovers() == []
 
 
@@ -341,3 +348,80 @@ async def test_from_env_without_a_url_opens_only_where_a_test_binds_it(
         async with harness.client() as client:
             assert (await client.get("/nothing")).status_code == 404
     assert server.wait_until(lambda states: not states) == []
+
+
+def test_a_test_of_a_500_gets_the_response_from_a_client_that_does_not_raise(
+    project: pytest.Pytester,
+) -> None:
+    """dbpool_client could not be told raise_app_exceptions=False: a test of a 500 got the
+    app's exception instead of the response."""
+    result = run(
+        project,
+        """
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_the_500(dbpool_app, dbpool_client):
+            async with dbpool_app.client(raise_app_exceptions=False) as client:
+                assert (await client.get("/boom")).status_code == 500
+                assert (await client.get("/items")).status_code == 200  # and it goes on
+            with pytest.raises(RuntimeError, match="boom"):  # the default: raised
+                await dbpool_client.get("/boom")
+        """,
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_a_modules_seed_is_shared_by_its_tests_and_seen_by_no_other_module(
+    project: pytest.Pytester, leftovers: Callable[[], list[str]]
+) -> None:
+    """Seeding once per module under rollback isolation failed with ScopeMismatch (a
+    module-scoped fixture cannot use the function-scoped dbpool_client)."""
+    project.makepyfile(
+        test_seeded=textwrap.dedent(
+            """
+            import pathlib, psycopg, pytest
+
+            pytestmark = pytest.mark.asyncio
+
+            @pytest.fixture(scope="module")
+            def dbpool_seed():
+                def seed(url):
+                    with pathlib.Path("seed_runs.txt").open("a") as f:
+                        f.write("seeded\\n")
+                    with psycopg.connect(url) as conn:
+                        conn.execute("INSERT INTO items (name) VALUES ('seeded')")
+                return seed
+
+            async def test_1_writes(dbpool_client):
+                assert (await dbpool_client.get("/items")).json() == ["seeded"]
+                assert (await dbpool_client.post("/items", params={"name": "a"})).status_code == 200
+                assert (await dbpool_client.get("/items")).json() == ["seeded", "a"]
+
+            async def test_2_sees_the_seed_only(dbpool_client):
+                assert (await dbpool_client.get("/items")).json() == ["seeded"]
+
+            class TestCommitting:
+                @pytest.fixture
+                def dbpool_isolation(self):
+                    return "database"
+
+                async def test_3_a_fresh_database_has_the_seed_too(self, dbpool_client):
+                    assert (await dbpool_client.get("/items")).json() == ["seeded"]
+            """
+        ),
+        test_unseeded=textwrap.dedent(
+            """
+            import pytest
+
+            @pytest.mark.asyncio
+            async def test_the_session_database_has_no_seed(dbpool_client):
+                assert (await dbpool_client.get("/items")).json() == []
+            """
+        ),
+    )
+    result = project.runpytest()
+    result.assert_outcomes(passed=4)
+    # once for the module's database, once for the fresh one of test 3
+    assert (project.path / "seed_runs.txt").read_text() == "seeded\n" * 2
+    assert leftovers() == []

@@ -239,3 +239,49 @@ async def test_a_restarted_replica_of_an_idle_primary_reads_as_caught_up(
         while reader.lag()[f"{app_name}_r2"] != 0.0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert reader.lag()[f"{app_name}_r2"] == 0.0
+
+
+async def test_reads_without_the_readers_lifespan_say_why_they_all_go_to_the_primary(
+    database_url: str, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With lifespan(primary, replica) the pools opened but nothing measured the lag: every
+    read went to the primary, with no word of it (and the docs suggested that lifespan)."""
+    import httpx
+
+    import fastapi_dbpool
+
+    primary = DBPool(database_url, name=f"{app_name}_p", min_size=1, max_size=1)
+    replica = DBPool(database_url, name=f"{app_name}_r", min_size=1, max_size=1)
+    reader = ReadReplicas(primary, replica)
+    app = FastAPI()
+
+    @app.get("/read")
+    async def read(
+        conn: Annotated[AsyncConnection[Any], Depends(reader.get_read_transaction)],
+    ) -> str:
+        row = await (await conn.execute("SELECT current_setting('application_name')")).fetchone()
+        return str(row[0]) if row else ""
+
+    def unmeasured() -> list[Any]:
+        return [
+            r for r in caplog.records if getattr(r, "dbpool_event", "") == "replicas_unmeasured"
+        ]
+
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level("WARNING", logger="fastapi_dbpool"):
+        async with (
+            fastapi_dbpool.lifespan(primary, replica)(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            answers = [(await client.get("/read")).json() for _ in range(3)]
+        assert answers == [primary.name] * 3  # every read on the primary...
+        (warning,) = unmeasured()  # ...and said so, once
+        assert "lifespan=reader.lifespan" in warning.getMessage()
+        caplog.clear()
+        reader._warned_unmeasured = False  # under its own lifespan it has no cause to warn
+        async with (
+            reader.lifespan(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            assert (await client.get("/read")).status_code == 200
+        assert unmeasured() == []

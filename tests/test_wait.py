@@ -58,6 +58,17 @@ async def test_pipeline_mode_copy_and_notifies_run_through_the_same_waits(
         assert [n.payload for n in notified] == ["hello"]
 
 
+@needs_fast_wait
+def test_the_fast_wait_is_taken_only_if_psycopgs_poll_answers_as_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `_ready` that kept its name and changed its answers would have statements wait on
+    a wrong state: the import-time self-test tries it on a socket pair."""
+    assert _wait._ready_works()
+    monkeypatch.setattr(_wait, "_ready", lambda fileno, state: 0)  # "nothing ready", always
+    assert not _wait._ready_works()
+
+
 @pytest.fixture(params=["fast", "psycopg"])
 def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each scenario on the package's own wait and on psycopg's, its fallback."""

@@ -134,11 +134,17 @@ class AppHarness:
             if runtime.pinned is not None and runtime.pinned.escaped is not None:
                 raise IsolationError(runtime.pool.name, runtime.pinned.escaped)
 
-    def client(self, base_url: str = "http://test", **kwargs: Any) -> httpx.AsyncClient:
-        """An ``httpx.AsyncClient`` on the app; the app starts at its first request."""
+    def client(
+        self, base_url: str = "http://test", *, raise_app_exceptions: bool = True, **kwargs: Any
+    ) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` on the app; the app starts at its first request.
+
+        ``raise_app_exceptions=False``: an exception of the app is its 500 response, as a
+        server would send it, instead of raised in the test (to test that 500).
+        """
         import httpx
 
-        transport = httpx.ASGITransport(app=self._asgi)
+        transport = httpx.ASGITransport(app=self._asgi, raise_app_exceptions=raise_app_exceptions)
         return httpx.AsyncClient(transport=transport, base_url=base_url, **kwargs)
 
     async def _asgi(self, scope: Scope, receive: Any, send: Any) -> None:

@@ -7,10 +7,11 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from .. import _dsn
 from ..errors import ConfigurationError
@@ -21,8 +22,29 @@ Schema = str | Callable[[str], object] | None
 
 
 def url_for(server_url: str, dbname: str) -> str:
-    """`server_url` with its database replaced by `dbname`."""
-    return make_conninfo(server_url, dbname=dbname)
+    """`server_url` with its database replaced by `dbname`, as a ``postgresql://`` URL.
+
+    A URL whatever form `server_url` has (the embedded server's is key=value): the
+    fixtures' URLs go to migration tools (Alembic, SQLAlchemy's ``make_url``) that take
+    URLs only. A socket directory, or several hosts, go in the query, as libpq reads them.
+    """
+    params = {k: str(v) for k, v in conninfo_to_dict(server_url).items()}
+    params["dbname"] = dbname
+    user = quote(params.pop("user", ""), safe="")
+    password = params.pop("password", None)
+    auth = user + (":" + quote(password, safe="") if password else "")
+    host, port = params.pop("host", ""), params.pop("port", "")
+    netloc = ""
+    if host and not host.startswith("/") and "," not in host and "," not in port:
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{port}" if port else ""
+    else:
+        params.update({k: v for k, v in (("host", host), ("port", port)) if v})
+    path = quote(params.pop("dbname"), safe="")
+    query = urlencode(params, quote_via=quote, safe="/")
+    return f"postgresql://{auth}{'@' if auth else ''}{netloc}/{path}" + (
+        f"?{query}" if query else ""
+    )
 
 
 def new_name(prefix: str) -> str:
@@ -74,7 +96,8 @@ def drop(server_url: str, name: str, settle: float = 2.0) -> list[str]:
     return [f"{app or '?'} ({state or 'starting'})" for app, state in rows]
 
 
-def apply_schema(url: str, schema: Schema) -> None:
+def apply_schema(url: str, schema: Schema, fixture: str = "dbpool_schema") -> None:
+    """Run `schema` (SQL, or a callable given the URL) on `url`'s database, committed."""
     if schema is None:
         return
     if isinstance(schema, str):
@@ -85,7 +108,7 @@ def apply_schema(url: str, schema: Schema) -> None:
         schema(url)
         return
     raise ConfigurationError(
-        "The dbpool_schema fixture must return SQL (a str), a callable that takes the "
+        f"The {fixture} fixture must return SQL (a str), a callable that takes the "
         f"database URL, or None; it returned {type(schema).__name__}."
     )
 

@@ -11,7 +11,13 @@ Fixtures:
   run migrations), creating the schema. It runs once per session, into a template.
 - ``dbpool_url`` (session): a database of the session, a copy of the template; dropped
   at the end.
-- ``dbpool_fresh_url``: a database of its own for one test, a copy of the template.
+- ``dbpool_seed`` (module; override it): SQL, or a callable given a database URL, adding
+  data the module's tests share. It runs once per module, committed, on a copy of the
+  template of the module's own.
+- ``dbpool_module_url`` (module): the database the module's tests share, ``dbpool_url``
+  unless the module has a seed.
+- ``dbpool_fresh_url``: a database of its own for one test, a copy of the template, with
+  the module's seed.
 - ``dbpool_isolation``: ``"rollback"`` (the default) or ``"database"``; override it for
   tests that must commit for real.
 - ``dbpool_app``: an `AppHarness` for the user's ``app`` fixture, started on the test's
@@ -94,10 +100,38 @@ def dbpool_url(dbpool_server_url: str, dbpool_template: str | None) -> Iterator[
         yield url
 
 
+@pytest.fixture(scope="module")
+def dbpool_seed() -> _databases.Schema:
+    """Data the tests of a module share: override it, module-scoped (SQL, or a callable
+    given the URL). Committed once, on a database of the module's own (`dbpool_module_url`)."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def dbpool_module_url(
+    dbpool_url: str,
+    dbpool_server_url: str,
+    dbpool_template: str | None,
+    dbpool_seed: _databases.Schema,
+) -> Iterator[str]:
+    """The database the module's tests share under rollback isolation: the session's
+    (`dbpool_url`), or, with a `dbpool_seed`, a copy of the template holding it, dropped
+    after the module."""
+    if dbpool_seed is None:
+        yield dbpool_url
+        return
+    with _databases.database(dbpool_server_url, "dbpool_module", dbpool_template) as url:
+        _databases.apply_schema(url, dbpool_seed, "dbpool_seed")
+        yield url
+
+
 @pytest.fixture
-def dbpool_fresh_url(dbpool_server_url: str, dbpool_template: str | None) -> Iterator[str]:
-    """A database for one test, with the schema, dropped after it."""
+def dbpool_fresh_url(
+    dbpool_server_url: str, dbpool_template: str | None, dbpool_seed: _databases.Schema
+) -> Iterator[str]:
+    """A database for one test, with the schema and the module's seed, dropped after it."""
     with _databases.database(dbpool_server_url, "dbpool_fresh", dbpool_template) as url:
+        _databases.apply_schema(url, dbpool_seed, "dbpool_seed")
         yield url
 
 
@@ -125,7 +159,7 @@ def dbpool_app(request: pytest.FixtureRequest, dbpool_isolation: str) -> Iterato
             "    @pytest.fixture\n    def app():\n        return myproject.main.app"
         ) from None
     isolate = dbpool_isolation == "rollback"
-    fixture = "dbpool_url" if isolate else "dbpool_fresh_url"
+    fixture = "dbpool_module_url" if isolate else "dbpool_fresh_url"
     harness = AppHarness(app, request.getfixturevalue(fixture), isolate=isolate)
     yield harness
     harness.close()
