@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, OperationalError, waiting
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
@@ -52,8 +54,29 @@ PLAIN_WAIT = list(inspect.signature(waiting.wait_async).parameters)[:3] == [
     "fileno",
     "interval",
 ]
+_COUNTS_CANCELS = hasattr(asyncio.Task, "cancelling")  # Python 3.11+
 #: Bound on each cleanup step when no DBPool setting applies (DBPool's release_timeout default).
 CLEANUP_TIMEOUT = 5.0
+
+
+def cancels_of(task: asyncio.Task[Any] | None) -> int:
+    """How many cancellations `task` has been asked for (0 where Python cannot say: 3.10)."""
+    return task.cancelling() if task is not None and _COUNTS_CANCELS else 0
+
+
+def honour_lost_cancellation(task: asyncio.Task[Any] | None, cancels: int) -> None:
+    """Raise the cancellation that a wait which began at `cancels` swallowed, if any.
+
+    On Python 3.11, ``asyncio.wait_for`` drops a cancellation that lands as the awaited
+    future completes (CPython gh-86296), and psycopg_pool 3.3.0 and 3.3.1 can hand a
+    connection to a waiter cancelled at that moment and drop its ``CancelledError``
+    (psycopg #1275, #1345). psycopg 3.3.0's waits and psycopg_pool's (3.3.3's too) use
+    ``wait_for``: a ``task.cancel()`` would be ignored, the cancelled work run on and commit.
+    anyio's cancel scopes deliver theirs again at the next await; a plain cancellation
+    (``task.cancel()``, ``asyncio.timeout``) is raised here, after the wait.
+    """
+    if cancels_of(task) > cancels and anyio.current_effective_deadline() != -math.inf:
+        raise asyncio.CancelledError()
 
 
 class LeaseState(enum.Enum):
@@ -199,13 +222,18 @@ class GuardedConnection(AsyncConnection[Any]):
             await self._dbpool_cancel_done.wait()
         self._dbpool_gen = gen
         try:
-            if not args and kwargs.get("timeout") is None:
-                if FAST_WAIT:
-                    return await _wait.wait(gen, self)
-                if PLAIN_WAIT:
-                    fileno = self.pgconn.socket
-                    return await waiting.wait_async(gen, fileno, interval=_WAIT_INTERVAL)
-            return await super().wait(gen, *args, **kwargs)
+            plain = not args and kwargs.get("timeout") is None
+            if plain and FAST_WAIT:
+                return await _wait.wait(gen, self)
+            task = asyncio.current_task()
+            cancels = cancels_of(task)
+            if plain and PLAIN_WAIT:
+                fileno = self.pgconn.socket
+                result = await waiting.wait_async(gen, fileno, interval=_WAIT_INTERVAL)
+            else:
+                result = await super().wait(gen, *args, **kwargs)
+            honour_lost_cancellation(task, cancels)
+            return result
         except _INTERRUPTED:
             # psycopg's own wait may have stopped the query already; if not, do it shielded
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:

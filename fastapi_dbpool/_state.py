@@ -21,6 +21,8 @@ from ._connection import (
     GuardedConnection,
     Lease,
     LeaseState,
+    cancels_of,
+    honour_lost_cancellation,
     request_lease,
     request_lease_of,
 )
@@ -165,6 +167,7 @@ class PoolRuntime(Releases):
                 "deadlock the pool). Use StreamTransactionDep alone."
             )
         shared = stream or (for_request and self.settings.allow_concurrent_tasks)
+        cancels = cancels_of(task)
         while True:
             try:
                 if self.pinned is not None:
@@ -205,6 +208,7 @@ class PoolRuntime(Releases):
                 else:
                     control.hold(lease)
             try:
+                honour_lost_cancellation(task, cancels)
                 usable = not conn.closed if self.pinned is not None else await alive(conn)
                 if usable:
                     if self.session_timeouts:

@@ -277,3 +277,38 @@ async def test_a_begin_interrupted_by_a_cancellation_leaves_no_block_counted_ope
                 async with conn.transaction():  # a BEGIN, not a SAVEPOINT
                     await conn.execute("SELECT 1")
                     assert conn.pgconn.transaction_status == TransactionStatus.INTRANS
+
+
+async def test_a_plain_task_cancel_is_never_lost(
+    database_url: str, app_name: str, server: Server
+) -> None:
+    """``task.cancel()`` at a random moment of a job's transaction: every one raises
+    CancelledError and nothing commits, though Python 3.11's ``wait_for`` (in the waits of
+    psycopg 3.3.0 and psycopg_pool 3.3.0) can drop a cancellation as the socket turns
+    ready (the oldest-versions job runs this on those)."""
+    table = f"lost_{app_name}"
+    server.query(f"CREATE TABLE {table} (n int)")
+    db = make_db(database_url, app_name, min_size=2, max_size=2)
+    rng = random.Random(11)
+
+    async def job(n: int) -> None:
+        async with db.transaction() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (%s)", [n])
+            for _ in range(40):  # many short waits: many chances to land as one ends
+                await conn.execute("SELECT 1")
+            await conn.execute("SELECT pg_sleep(0.3)")
+
+    try:
+        async with db.open():
+            for n in range(200):
+                task = asyncio.create_task(job(n))
+                await asyncio.sleep(rng.uniform(0, 0.03))
+                assert not task.done()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            stats = db.stats()
+            assert stats.pool_size - stats.pool_available == 0
+        assert server.query(f"SELECT count(*) FROM {table}") == [(0,)]
+    finally:
+        server.query(f"DROP TABLE {table}")
