@@ -20,19 +20,14 @@ opens, resets or closes a connection itself (`_sqlalchemy_dialect`).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, cast, overload
 
-import sqlalchemy.ext.asyncio
 from fastapi import Depends
 from psycopg import Rollback
-from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from sqlalchemy import event
 from sqlalchemy.dialects import registry
@@ -41,13 +36,16 @@ from sqlalchemy.pool import NullPool
 from starlette.requests import HTTPConnection
 
 from . import _cleanup, _sqlalchemy_dialect
-from ._connection import Lease, held_lease, request_lease
+from . import _sqlalchemy_lending as _lending
+from ._connection import Lease, held_lease
 from ._metrics import route_of
 from ._registry import Finder
-from .errors import ConfigurationError, ConnectionReleasedError, DBPoolError
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from ._connection import GuardedConnection
     from ._dbpool import DBPool
+    from ._replicas import ReadReplicas
     from ._state import PoolRuntime
 
 __all__ = ["Sessions"]
@@ -56,17 +54,6 @@ logger = logging.getLogger("fastapi_dbpool")
 S = TypeVar("S", bound=AsyncSession)
 
 registry.register(_sqlalchemy_dialect.NAME, "fastapi_dbpool._sqlalchemy_dialect", "GuardedDialect")
-
-#: the connection SQLAlchemy's engine is being lent (set around `engine.connect()`)
-_lent: ContextVar[Any] = ContextVar("fastapi_dbpool_sqlalchemy_lent", default=None)
-
-# SQLAlchemy's async context managers end in a task of their own (_run_to_completion):
-# AsyncSession.close, AsyncConnection.close, AsyncResult.close, and async_sessionmaker's
-# begin(), whose coroutine is named "go". Such a task may act for the request that
-# awaits it; any other task is refused as before.
-_SQLALCHEMY_ASYNCIO = os.path.dirname(sqlalchemy.ext.asyncio.__file__) + os.sep
-_CLEANUP_NAMES = frozenset({"close", "go"})
-_AWAIT_DEPTH = 100  # coroutines from the task's root to the endpoint's await, and beyond
 
 # what Sessions decides itself, and why a user's value cannot apply
 _OWNED_ENGINE_OPTIONS = {
@@ -83,43 +70,6 @@ _OWNED_ENGINE_OPTIONS = {
     "isolation_level": "pass it per connection: execution_options(isolation_level=...)",
     "connect_args": "pass connection settings to the DBPool",
 }
-
-
-def _acting_for(lease: Lease) -> bool:
-    """Whether the running task is SQLAlchemy's cleanup task that `lease`'s owner awaits
-    now (its ``_run_to_completion``): only then does it act for the owner."""
-    task = asyncio.current_task()
-    owner = lease.task
-    if task is None or owner is None:
-        return False
-    code = getattr(task.get_coro(), "cr_code", None)
-    if code is None or code.co_name not in _CLEANUP_NAMES:
-        return False
-    awaiting: Any = owner.get_coro()
-    for _ in range(_AWAIT_DEPTH):
-        code = getattr(awaiting, "cr_code", None)
-        if code is None:
-            return False  # the owner awaits something else (a gather, another task)
-        if code.co_name == "_run_to_completion" and code.co_filename.startswith(
-            _SQLALCHEMY_ASYNCIO
-        ):
-            frame = awaiting.cr_frame
-            return frame is not None and frame.f_locals.get("task") is task
-        awaiting = awaiting.cr_await
-    return False
-
-
-async def _lend() -> Any:
-    conn = _lent.get()
-    if conn is None and request_lease.get() is not None:
-        raise ConnectionReleasedError()  # a session of a request that has ended
-    if conn is None:
-        raise ConfigurationError(
-            "This engine connects only through fastapi_dbpool.sqlalchemy.Sessions: use "
-            "SessionDep or CoreDep in a request, and `async with orm.session():` or "
-            "`async with orm.connect():` outside one."
-        )
-    return conn
 
 
 class Sessions(Generic[S]):
@@ -139,6 +89,9 @@ class Sessions(Generic[S]):
     transactions are savepoints inside that transaction. ``expire_on_commit`` defaults to
     False: the session is committed before the response is serialised, and expired
     objects would load again, one query each, or fail outside the session.
+    With ``reader=ReadReplicas(db, ...)``, ``ReadSessionDep`` (and
+    ``read_session_dependency``) is a session routed as `ReadReplicas.ReadDep` is: a
+    ``READ ONLY`` transaction on a fit replica, or the request's own primary connection.
     `session_options` go to the session class; `engine_options` to
     ``create_async_engine`` (``echo``, ``json_serializer``...), except those the DBPool
     owns (pool sizes and timeouts, creators, isolation level), which raise
@@ -152,6 +105,7 @@ class Sessions(Generic[S]):
         *,
         expire_on_commit: bool = False,
         engine_options: Mapping[str, Any] | None = None,
+        reader: ReadReplicas | None = None,
         **session_options: Any,
     ) -> None: ...
 
@@ -163,6 +117,7 @@ class Sessions(Generic[S]):
         session_class: type[S],
         expire_on_commit: bool = False,
         engine_options: Mapping[str, Any] | None = None,
+        reader: ReadReplicas | None = None,
         **session_options: Any,
     ) -> None: ...
 
@@ -173,8 +128,16 @@ class Sessions(Generic[S]):
         session_class: type[Any] = AsyncSession,
         expire_on_commit: bool = False,
         engine_options: Mapping[str, Any] | None = None,
+        reader: ReadReplicas | None = None,
         **session_options: Any,
     ) -> None:
+        if reader is not None and reader.primary is not db:
+            raise ConfigurationError(
+                "Sessions(db, reader=...): the reader's primary is "
+                f"{reader.primary.name!r}, not {db.name!r}; pass the ReadReplicas whose "
+                "primary is this DBPool, so that a request's reads and writes share its "
+                "connection."
+            )
         options = dict(engine_options or {})
         for name in options:
             if name in _OWNED_ENGINE_OPTIONS:
@@ -199,11 +162,13 @@ class Sessions(Generic[S]):
         self.engine: AsyncEngine = create_async_engine(
             _sqlalchemy_dialect.URL,
             poolclass=NullPool,
-            async_creator=_lend,
+            async_creator=_lending.lend,
             pool_reset_on_return=None,
             **options,
         )
-        event.listen(self.engine.sync_engine, "handle_error", _unwrap_own_errors, retval=True)
+        event.listen(
+            self.engine.sync_engine, "handle_error", _lending.unwrap_own_errors, retval=True
+        )
         db._on_open.append(self._prepare)
         find = Finder(db.name)
 
@@ -230,6 +195,36 @@ class Sessions(Generic[S]):
         self.SessionDep: Any = Annotated[session_class, self.session_dependency]
         #: The request's SQLAlchemy Core connection, committed before the response.
         self.CoreDep: Any = Annotated[AsyncConnection, self.core_dependency]
+        self._read_dependency: Any = None
+        if reader is not None:
+            read = asynccontextmanager(reader._read)
+
+            async def read_session_(connection: HTTPConnection) -> AsyncIterator[S]:
+                async with read(connection) as conn:
+                    lease = cast("GuardedConnection", conn)._dbpool_lease
+                    assert lease is not None
+                    async with self._session_on(lease) as session:
+                        yield session
+
+            self._read_dependency = Depends(read_session_, scope="function")
+
+    @property
+    def read_session_dependency(self) -> Any:
+        """``Depends(...)`` of the request's read session: ``ReadSessionDep`` for an alias of
+        your own, ``Annotated[AsyncSession, orm.read_session_dependency]``."""
+        if self._read_dependency is None:
+            raise ConfigurationError(
+                f"Sessions({self.db.name!r}) has no read sessions: create it with "
+                "reader=ReadReplicas(db, replica, ...) to route them to the replicas."
+            )
+        return self._read_dependency
+
+    @property
+    def ReadSessionDep(self) -> Any:
+        """The request's session in a ``READ ONLY`` transaction on a fit replica, routed
+        as `ReadReplicas.ReadDep` is (the request's own primary connection when it holds
+        one; the primary, read-only, when no replica is fit)."""
+        return Annotated[self.session_class, self.read_session_dependency]
 
     def __repr__(self) -> str:
         return f"<Sessions of {self.db!r} {self.session_class.__name__}>"
@@ -303,24 +298,24 @@ class Sessions(Generic[S]):
         # (after a cancelled statement): put back when it lets go. Its cursors need tuples.
         kept = (driver.isolation_level, driver.read_only, driver.deferrable, driver.row_factory)
         driver.row_factory = tuple_row
-        lease.helper = functools.partial(_acting_for, lease)
-        token = _lent.set(driver)
+        lease.helper = functools.partial(_lending.acting_for, lease)
+        token = _lending.lent.set(driver)
         try:
             try:
                 conn = await self.engine.connect()
             finally:
-                _lent.reset(token)
+                _lending.lent.reset(token)
             lease.orm = conn
             try:
                 yield conn
-                if _may_commit(lease):
+                if _lending.may_commit(lease):
                     await conn.commit()
             finally:
                 await self._let_go(lease, conn.close)
         finally:
             lease.orm = lease.helper = None
             await _cleanup.run_shielded(
-                functools.partial(_restore, driver, *kept),
+                functools.partial(_lending.restore, driver, *kept),
                 lease.cleanup_timeout,
                 "restoring a connection's settings after SQLAlchemy",
             )
@@ -331,7 +326,7 @@ class Sessions(Generic[S]):
             session = self.session_class(bind=conn, **self.session_options)
             try:
                 yield session
-                if _may_commit(lease):
+                if _lending.may_commit(lease):
                     await session.commit()
             finally:
                 # the rollback it could not do is the connection's to do (_connection_on):
@@ -340,7 +335,7 @@ class Sessions(Generic[S]):
                     session.close, lease.cleanup_timeout, "closing a SQLAlchemy session"
                 )
                 # used again (a background task, a task it spawned), it connects through
-                # the engine, which names the misuse (see _lend)
+                # the engine, which names the misuse (see _lending.lend)
                 session.bind = self.engine
                 session.sync_session.bind = self.engine.sync_engine
 
@@ -358,37 +353,3 @@ class Sessions(Generic[S]):
         hstore), when the pool opens rather than in the first request."""
         async with runtime.lease(for_request=False) as lease, self._connection_on(lease):
             pass
-
-
-def _may_commit(lease: Lease) -> bool:
-    """Whether the block's work may commit now: not while its request is being cut (a 504
-    never comes with committed data), and once begun, its deadline waits for the COMMIT."""
-    control = lease.control
-    if control is None:
-        return True
-    if control.stopping is not None:
-        return False  # rolled back as the connection is let go
-    control.committing = True
-    return True
-
-
-async def _restore(
-    conn: Any, isolation_level: Any, read_only: Any, deferrable: Any, row_factory: Any
-) -> None:
-    """Put back what the lease had (no round trip: psycopg applies them at the next BEGIN)."""
-    conn.row_factory = row_factory
-    if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
-        return  # the release closes or resets it
-    if conn.isolation_level != isolation_level:
-        await conn.set_isolation_level(isolation_level)
-    if conn.read_only != read_only:
-        await conn.set_read_only(read_only)
-    if conn.deferrable != deferrable:
-        await conn.set_deferrable(deferrable)
-
-
-def _unwrap_own_errors(context: Any) -> BaseException | None:
-    """The package's own errors (a lost connection's 503...) reach the app as themselves,
-    not wrapped in SQLAlchemy's, so that their handlers and status codes apply."""
-    original = context.original_exception
-    return original if isinstance(original, DBPoolError) else None

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from psycopg import AsyncConnection
 
-from fastapi_dbpool import DBPool, ReadReplicas, health_router
+from fastapi_dbpool import ConfigurationError, DBPool, ReadReplicas, health_router
 
 from ._replication import Cluster, cluster
 from .conftest import running
@@ -285,3 +285,65 @@ async def test_reads_without_the_readers_lifespan_say_why_they_all_go_to_the_pri
         ):
             assert (await client.get("/read")).status_code == 200
         assert unmeasured() == []
+
+
+async def test_read_sessions_run_on_the_replicas_read_only_and_see_the_requests_writes(
+    servers: Cluster, app_name: str
+) -> None:
+    """SQLAlchemy sessions routed as ReadDep is: on a replica in a READ ONLY transaction,
+    refused a write; on the request's own primary connection after a write session."""
+    pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from fastapi_dbpool.sqlalchemy import Sessions
+
+    primary = DBPool(
+        servers.primary.url, name=f"{app_name}_p", writable=True, min_size=1, max_size=4
+    )
+    replicas = [
+        DBPool(node.url, name=f"{app_name}_r{i}", min_size=1, max_size=4)
+        for i, node in enumerate(servers.replicas, 1)
+    ]
+    reader = ReadReplicas(primary, *replicas, check_interval=0.2)
+    orm = Sessions(primary, reader=reader)
+    Read = Annotated[AsyncSession, orm.read_session_dependency]
+    Write = Annotated[AsyncSession, orm.session_dependency]
+    app = FastAPI(lifespan=reader.lifespan)
+
+    @app.exception_handler(DBAPIError)
+    async def failed(request: Request, exc: DBAPIError) -> JSONResponse:
+        return JSONResponse({"error": type(exc.orig).__name__}, status_code=500)
+
+    @app.get("/where")
+    async def where(session: Read) -> list[Any]:
+        return list((await session.execute(text(_WHERE))).one())
+
+    @app.post("/through-reader")
+    async def through_reader(session: Read) -> None:
+        await session.execute(text("INSERT INTO notes (body) VALUES ('never')"))
+
+    @app.post("/write-then-read")
+    async def write_then_read(body: str, write: Write, read: Read) -> list[Any]:
+        await write.execute(text("INSERT INTO notes (body) VALUES (:b)"), {"b": body})
+        seen = await read.execute(text("SELECT count(*) FROM notes WHERE body = :b"), {"b": body})
+        return [seen.scalar_one(), *(await read.execute(text(_WHERE))).one()]
+
+    primary_socket, replica_sockets = sockets(servers)
+    async with running(app) as client:
+        reads: Counter[tuple[Any, ...]] = Counter(
+            [tuple((await client.get("/where")).json()) for _ in range(20)]
+        )
+        refused = (await client.post("/through-reader")).json()
+        mine = (await client.post("/write-then-read", params={"body": f"{app_name}-s"})).json()
+    assert set(reads) == {(s, True) for s in replica_sockets}, reads
+    assert refused == {"error": "ReadOnlySqlTransaction"}  # psycopg's, in SQLAlchemy's
+    assert mine == [1, primary_socket, False]  # its own write, on its own primary connection
+    rows = servers.primary.execute(f"SELECT count(*) FROM notes WHERE body = '{app_name}-s'")
+    assert rows == [(1,)]
+    assert servers.primary.execute("SELECT count(*) FROM notes WHERE body = 'never'") == [(0,)]
+    with pytest.raises(ConfigurationError, match="reader's primary"):
+        Sessions(replicas[0], reader=reader)
+    with pytest.raises(ConfigurationError, match="has no read sessions"):
+        _ = Sessions(replicas[0]).read_session_dependency
