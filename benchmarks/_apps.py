@@ -17,6 +17,9 @@ import fastapi_dbpool as _package
 from fastapi_dbpool import CancellationMiddleware, ConnectionDep, DBPool, TransactionDep
 
 POOL_SIZE = 8
+#: The endpoints' statements, less their parameter (each driver has its own placeholder)
+SELECT = "SELECT id, name FROM bench_items WHERE id = "
+INSERT = "INSERT INTO bench_log (item_id) VALUES "
 #: The package directory a server must import (benchmarks.instructions --revisions): measuring
 #: another copy, found first on the path, would compare a version with itself.
 PACKAGE = "BENCH_PACKAGE"

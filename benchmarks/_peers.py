@@ -15,10 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from ._apps import POOL_SIZE, _nodb
-
-SELECT = "SELECT id, name FROM bench_items WHERE id = "
-INSERT = "INSERT INTO bench_log (item_id) VALUES "
+from ._apps import INSERT, POOL_SIZE, SELECT, _nodb
 
 
 def psycopg_pool_baseline() -> FastAPI:
@@ -79,7 +76,17 @@ def _asyncpg_url() -> str:
 
 def sqlalchemy_asyncpg() -> FastAPI:
     """SQLAlchemy 2 async with asyncpg and an AsyncSession dependency."""
-    url = _asyncpg_url().replace("postgresql://", "postgresql+asyncpg://", 1)
+    return _sqlalchemy("asyncpg")
+
+
+def sqlalchemy_psycopg() -> FastAPI:
+    """SQLAlchemy 2 async with psycopg (its own pool) and an AsyncSession dependency."""
+    return _sqlalchemy("psycopg")
+
+
+def _sqlalchemy(driver: str) -> FastAPI:
+    """SQLAlchemy's own pool and session dependency, as its docs and FastAPI's show them."""
+    url = _asyncpg_url().replace("postgresql://", f"postgresql+{driver}://", 1)
     engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=0)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 

@@ -1,13 +1,14 @@
 """Cancellation storm: real uvicorn and PostgreSQL, every request cut by its deadline or client.
 
-    python -m benchmarks.cancel_storm [--requests 5000] [--concurrency 16] [--seed 1]
+    python -m benchmarks.cancel_storm [--requests 5000] [--concurrency 16] [--seed 1] [--orm]
 
 Uses ``DATABASE_URL``, or starts an embedded PostgreSQL. Every request asks for work that
 takes seconds and is cut within 0.5 s: by a deadline (``X-Request-Timeout``) or by its
 client hanging up, at a random moment: waiting for the pool, mid ``pg_sleep``, mid
 transaction, mid stream. Meanwhile PostgreSQL is polled for queries of the app that run on
 past their cut. Prints one summary line; exits 1 if anything leaked, ran on, committed, or
-answered unexpectedly.
+answered unexpectedly. ``--orm`` runs the same through SQLAlchemy sessions
+(``fastapi_dbpool.sqlalchemy``): an ORM insert and flush, then the sleep (no stream).
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def build_app(db: DBPool, table: str) -> FastAPI:
     return app
 
 
-async def _one(port: int, rng: random.Random, summary: Summary) -> None:
-    path = rng.choice(["/sleep", "/tx", "/stream"])
+async def _one(port: int, rng: random.Random, summary: Summary, paths: list[str]) -> None:
+    path = rng.choice(paths)
     cut = rng.uniform(0.02, MAX_CUT)
     if rng.random() < 0.5:
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -151,8 +152,11 @@ class _Monitor:
             await conn.close()  # no await inside: it only closes the socket
 
 
-async def storm(url: str, requests: int, concurrency: int = 16, seed: int = 1) -> Summary:
-    """Run the storm against `url`; the summary says what, if anything, went wrong."""
+async def storm(
+    url: str, requests: int, concurrency: int = 16, seed: int = 1, orm: bool = False
+) -> Summary:
+    """Run the storm against `url` (through SQLAlchemy sessions if `orm`); the summary says
+    what, if anything, went wrong."""
     summary = Summary(requests=requests)
     app_name = f"storm_{uuid.uuid4().hex[:8]}"
     table = f"{app_name}_rows"
@@ -161,11 +165,17 @@ async def storm(url: str, requests: int, concurrency: int = 16, seed: int = 1) -
     logging.getLogger("uvicorn.error").addHandler(errors)
     logging.getLogger("fastapi_dbpool").addHandler(errors)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        await admin.execute(f"CREATE TABLE {table} (src text)")
+        await admin.execute(f"CREATE TABLE {table} (src text, id serial PRIMARY KEY)")
         try:
             # watchdog=None: the storm's own clients share the loop and may hold it in bursts
             db = DBPool(url, name=app_name, min_size=max_size, max_size=max_size, watchdog=None)
-            app = build_app(db, table)
+            if orm:
+                from ._sessions import storm_app  # SQLAlchemy: only when asked for
+
+                app = storm_app(db, table)
+            else:
+                app = build_app(db, table)
+            paths = ["/sleep", "/tx"] if orm else ["/sleep", "/tx", "/stream"]
             monitor = _Monitor(url, app_name)
             start = time.monotonic()
             async with uvicorn_server(app) as port, anyio.create_task_group() as tg:
@@ -175,7 +185,7 @@ async def storm(url: str, requests: int, concurrency: int = 16, seed: int = 1) -
 
                 async def client() -> None:
                     for _ in todo:  # shared: `concurrency` clients take requests until none left
-                        await _one(port, rng, summary)
+                        await _one(port, rng, summary, paths)
 
                 async with anyio.create_task_group() as clients:
                     for _ in range(concurrency):
@@ -224,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--orm", action="store_true", help="through SQLAlchemy sessions")
     args = parser.parse_args(argv)
     with database_url() as url:
-        summary = asyncio.run(storm(url, args.requests, args.concurrency, args.seed))
+        summary = asyncio.run(storm(url, args.requests, args.concurrency, args.seed, args.orm))
     print(summary.line())
     for error in summary.errors[:20]:
         print("  error:", error)

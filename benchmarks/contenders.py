@@ -25,8 +25,16 @@ CONTENDERS = [
     ("psycopg_pool, autocommit, scope=function", "benchmarks._peers:psycopg_pool_autocommit"),
     ("fastapi_dbpool", "benchmarks._apps:fastapi_dbpool"),
     ("fastapi_dbpool + CancellationMiddleware", "benchmarks._apps:fastapi_dbpool_middleware"),
+    ("fastapi_dbpool + SQLAlchemy session", "benchmarks._sessions:fastapi_dbpool_sqlalchemy"),
     ("SQLAlchemy 2 async + asyncpg", "benchmarks._peers:sqlalchemy_asyncpg"),
+    ("SQLAlchemy 2 async + psycopg (its own pool)", "benchmarks._peers:sqlalchemy_psycopg"),
     ("raw asyncpg pool", "benchmarks._peers:raw_asyncpg"),
+]
+#: An AsyncSession per request: fastapi_dbpool's, and SQLAlchemy's own pools (`--set sessions`)
+SESSIONS = [
+    ("fastapi_dbpool + SQLAlchemy session", "benchmarks._sessions:fastapi_dbpool_sqlalchemy"),
+    ("SQLAlchemy 2 async + asyncpg", "benchmarks._peers:sqlalchemy_asyncpg"),
+    ("SQLAlchemy 2 async + psycopg (its own pool)", "benchmarks._peers:sqlalchemy_psycopg"),
 ]
 
 

@@ -70,12 +70,14 @@ SETS = {
     "middleware": middleware_overhead.CONTENDERS,
     "fast-paths": FAST_PATHS,
     "contenders": contenders.CONTENDERS,
+    "sessions": contenders.SESSIONS,
     "observability": OBSERVABILITY,
 }
 PATHS = {
     "middleware": ["/select/42", "/nodb"],
     "fast-paths": ["/select/42", "/tx/42"],
     "contenders": ["/select/42", "/tx/42", "/nodb"],
+    "sessions": ["/select/42", "/tx/42"],
     "observability": ["/select/42"],
 }
 CONNECTIONS = 4  # latency stays well under CancellationMiddleware's 0.25 s before it watches
