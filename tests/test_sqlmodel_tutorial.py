@@ -1,0 +1,89 @@
+"""SQLModel's FastAPI tutorial app, switched to the package as the docs say
+(tests/sqlmodel_tutorial/): served by uvicorn in a subprocess, and its own tests run under
+the plugin in a subprocess, as its users would run them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
+pytest.importorskip("sqlmodel", reason="sqlmodel is not installed")
+
+from benchmarks._runner import free_port
+
+from .conftest import Server
+
+pytest_plugins = ["pytester"]
+
+TUTORIAL = Path(__file__).resolve().parent / "sqlmodel_tutorial"
+
+
+def test_the_tutorial_app_serves_its_heroes_under_uvicorn(
+    database_url: str, server: Server, app_name: str
+) -> None:
+    server.query("DROP TABLE IF EXISTS hero")
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "DBPOOL_NAME": app_name}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "heroes:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=TUTORIAL,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                first = httpx.get(f"{base}/heroes/", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "the tutorial app did not start in 30s"
+                time.sleep(0.2)
+        assert (first.status_code, first.json()) == (200, [])  # its table made at startup
+        hero = {"name": "Deadpond", "secret_name": "Dive Wilson"}
+        created = httpx.post(f"{base}/heroes/", json=hero, timeout=5).json()
+        assert server.query("SELECT name, secret_name FROM hero") == [("Deadpond", "Dive Wilson")]
+        patched = httpx.patch(f"{base}/heroes/{created['id']}", json={"age": 30}, timeout=5)
+        assert patched.json() == {"name": "Deadpond", "age": 30, "id": created["id"]}
+        assert httpx.get(f"{base}/heroes/{created['id'] + 1}", timeout=5).status_code == 404
+        assert httpx.delete(f"{base}/heroes/{created['id']}", timeout=5).json() == {"ok": True}
+        assert server.query("SELECT count(*) FROM hero") == [(0,)]
+        assert set(server.states()) <= {"idle"}  # nothing left in a transaction
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+        server.query("DROP TABLE IF EXISTS hero")
+    assert "Traceback" not in out, out
+    assert server.wait_until(lambda s: s == []) == []  # shutdown closed every connection
+
+
+def test_the_tutorial_tests_pass_under_the_plugin(
+    pytester: pytest.Pytester, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    shutil.copy(TUTORIAL / "heroes.py", pytester.path / "heroes.py")
+    shutil.copy(TUTORIAL / "conftest_of_the_app.py", pytester.path / "conftest.py")
+    shutil.copy(TUTORIAL / "tests_of_the_app.py", pytester.path / "test_main.py")
+    pytester.makeini(
+        f"""
+        [pytest]
+        addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60
+        asyncio_default_fixture_loop_scope = function
+        filterwarnings = error
+            ignore::UserWarning:platformdirs
+        """
+    )
+    result = pytester.runpytest_subprocess(timeout=180)
+    result.assert_outcomes(passed=5)
