@@ -188,3 +188,15 @@ async def forward_to_server(
         w.close()
 
     await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+
+
+def plugin_ini(pytester: pytest.Pytester, database_url: str, *filters: str) -> None:
+    """A sample project's pytest.ini, as the plugin's docs give it: the suite's server, a
+    timeout, warnings as errors (less platformdirs', and `filters`)."""
+    ignored = "".join(f"\n    {f}" for f in ("ignore::UserWarning:platformdirs", *filters))
+    pytester.makeini(
+        "[pytest]\n"
+        f'addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60\n'
+        "asyncio_default_fixture_loop_scope = function\n"
+        f"filterwarnings = error{ignored}\n"
+    )

@@ -19,6 +19,8 @@ pytest.importorskip("alembic", reason="alembic is not installed")
 
 from fastapi_dbpool.testing import _databases
 
+from .conftest import plugin_ini
+
 pytest_plugins = ["pytester"]
 
 PROJECT = Path(__file__).resolve().parent / "alembic_project"
@@ -144,14 +146,6 @@ def test_the_plugin_builds_the_test_database_with_alembic(
     shutil.copytree(PROJECT, pytester.path, dirs_exist_ok=True)
     pytester.makeconftest(APP)
     pytester.makepyfile(test_notes=textwrap.dedent(TESTS))
-    pytester.makeini(
-        f"""
-        [pytest]
-        addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60
-        asyncio_default_fixture_loop_scope = function
-        filterwarnings = error
-            ignore::UserWarning:platformdirs
-        """
-    )
+    plugin_ini(pytester, database_url)
     result = pytester.runpytest_subprocess(timeout=180)
     result.assert_outcomes(passed=2)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi_dbpool import ConfigurationError, DBPool
 from fastapi_dbpool.testing import AppHarness
 
-from .conftest import Server
+from .conftest import Server, plugin_ini
 
 pytest_plugins = ["pytester"]
 
@@ -102,15 +102,10 @@ def project(
     pytester.makeconftest(APP.format(app_name=app_name))
     # In process, the outer session has imported the plugin's package already (pytest 9.2
     # warns that it cannot rewrite it); subprocess runs, as users run, are in test_readme.
-    pytester.makeini(
-        f"""
-        [pytest]
-        addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60
-        asyncio_default_fixture_loop_scope = function
-        filterwarnings = error
-            ignore::UserWarning:platformdirs
-            ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning
-        """
+    plugin_ini(
+        pytester,
+        database_url,
+        "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning",
     )
     return pytester
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
 
-from .conftest import Server
+from .conftest import Server, plugin_ini
 
 pytest_plugins = ["pytester"]
 
@@ -117,15 +117,7 @@ def test_session_writes_are_rolled_back_between_tests(
     each test's pinned transaction: the next test finds the table empty."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     pytester.makeconftest(CONFTEST.format(app_name=app_name))
-    pytester.makeini(
-        f"""
-        [pytest]
-        addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60
-        asyncio_default_fixture_loop_scope = function
-        filterwarnings = error
-            ignore::UserWarning:platformdirs
-        """
-    )
+    plugin_ini(pytester, database_url)
     pytester.makepyfile(test_notes=textwrap.dedent(TESTS))
     before = {
         row[0]

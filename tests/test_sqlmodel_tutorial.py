@@ -19,7 +19,7 @@ pytest.importorskip("sqlmodel", reason="sqlmodel is not installed")
 
 from benchmarks._runner import free_port
 
-from .conftest import Server
+from .conftest import Server, plugin_ini
 
 pytest_plugins = ["pytester"]
 
@@ -76,14 +76,6 @@ def test_the_tutorial_tests_pass_under_the_plugin(
     shutil.copy(TUTORIAL / "heroes.py", pytester.path / "heroes.py")
     shutil.copy(TUTORIAL / "conftest_of_the_app.py", pytester.path / "conftest.py")
     shutil.copy(TUTORIAL / "tests_of_the_app.py", pytester.path / "test_main.py")
-    pytester.makeini(
-        f"""
-        [pytest]
-        addopts = -p no:cacheprovider --dbpool-url "{database_url}" --timeout 60
-        asyncio_default_fixture_loop_scope = function
-        filterwarnings = error
-            ignore::UserWarning:platformdirs
-        """
-    )
+    plugin_ini(pytester, database_url)
     result = pytester.runpytest_subprocess(timeout=180)
     result.assert_outcomes(passed=5)
