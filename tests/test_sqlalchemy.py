@@ -7,6 +7,8 @@ import random
 from typing import Annotated, Any
 
 import anyio
+import httpx
+import psycopg
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
@@ -24,12 +26,16 @@ from fastapi_dbpool import (
     ConnectionDep,
     ConnectionReleasedError,
     DBPool,
+    PoolNotRunningError,
     TransactionDep,
+    WrongEventLoopError,
+    deadline,
     handle_database_errors,
+    lifespan,
 )
 from fastapi_dbpool.sqlalchemy import Sessions
 
-from .conftest import Server, make_db, serve
+from .conftest import Server, make_db, running, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -509,3 +515,88 @@ async def test_transaction_dep_after_a_session_is_refused_clearly(
         assert db.stats().discarded_on_release == 0
     assert errors  # the app's handler saw it (on its way to the 500)
     assert all("declare TransactionDep first" in str(ex) for ex in errors)
+
+
+async def test_a_session_without_the_lifespan_or_on_another_loop_gets_the_clear_errors(
+    database_url: str, app_name: str
+) -> None:
+    db = make_db(database_url, app_name)
+    orm = Sessions(db)
+    app = FastAPI()  # lifespan=db.lifespan forgotten
+
+    @app.get("/one")
+    async def one(session: Annotated[AsyncSession, orm.session_dependency]) -> int:
+        return int((await session.execute(text("SELECT 1"))).scalar_one())
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(PoolNotRunningError, match=r"lifespan=db\.lifespan"):
+            await client.get("/one")
+
+    async def on_its_own_loop() -> None:
+        async with orm.session() as session:
+            await session.execute(text("SELECT 1"))
+
+    async with db.open():
+        with pytest.raises(WrongEventLoopError):
+            await asyncio.to_thread(asyncio.run, on_its_own_loop())
+        async with orm.session() as session:  # and the pool still serves its own loop
+            assert (await session.execute(text("SELECT 2"))).scalar_one() == 2
+
+
+async def test_sessions_of_two_pools_in_one_request_commit_each_on_its_own_database(
+    database_url: str, app_name: str, server: Server, table: str
+) -> None:
+    first = make_db(database_url, f"{app_name}_a")
+    second = make_db(database_url, f"{app_name}_b")
+    a, b = Sessions(first), Sessions(second)
+    app = FastAPI(lifespan=lifespan(first, second))
+
+    @app.post("/both/{id}")
+    async def both(
+        id: int,
+        one: Annotated[AsyncSession, a.session_dependency],
+        two: Annotated[AsyncSession, b.session_dependency],
+        fail: bool = False,
+    ) -> list[int]:
+        one.add(Item(id=id, name="a"))
+        two.add(Item(id=id + 1, name="b"))
+        await one.flush()
+        await two.flush()
+        if fail:
+            raise HTTPException(409, "no")
+        pids = [await one.scalar(text("SELECT pg_backend_pid()"))]
+        return [*pids, await two.scalar(text("SELECT pg_backend_pid()"))]
+
+    async with running(app) as client:
+        answer = await client.post("/both/1")
+        assert answer.status_code == 200
+        assert len(set(answer.json())) == 2  # a connection of each pool
+        assert (await client.post("/both/10", params={"fail": True})).status_code == 409
+    assert server.query("SELECT id, name FROM sa_items ORDER BY id") == [(1, "a"), (2, "b")]
+
+
+async def test_behind_a_transaction_pooler_a_sessions_deadline_is_local_to_its_transaction(
+    app_name: str, pgbouncer: Any
+) -> None:
+    """Behind PgBouncer in transaction mode, the request's budget is a SET LOCAL in the
+    session's transaction, never a session SET another client could inherit."""
+    db = make_db(pgbouncer.url, app_name, transaction_pooler=True, max_size=4)
+    orm = Sessions(db)
+    app = FastAPI(lifespan=db.lifespan)
+    app.add_middleware(CancellationMiddleware, timeout=10)
+
+    @app.get("/timeout", dependencies=[deadline(1.1)])
+    async def timeout(session: Annotated[AsyncSession, orm.session_dependency]) -> str:
+        return str(await session.scalar(text("SHOW statement_timeout")))
+
+    with psycopg.connect(pgbouncer.url, autocommit=True, prepare_threshold=None) as other:
+        async with serve(app, db) as client:
+            answers = await asyncio.gather(*(client.get("/timeout") for _ in range(40)))
+        shown = {a.json() for a in answers}
+        assert {a.status_code for a in answers} == {200}
+        # PostgreSQL shows 1000ms as "1s"
+        millis = {int(s[:-2]) if s.endswith("ms") else 1000 * int(s[:-1]) for s in shown}
+        assert all(0 < ms <= 1200 for ms in millis), shown
+        for _ in range(8):  # whichever backend PgBouncer gives it
+            assert other.execute("SHOW statement_timeout").fetchone() == ("0",)
