@@ -80,11 +80,17 @@ def may_commit(lease: Lease) -> bool:
     return True
 
 
-async def restore(
-    conn: Any, isolation_level: Any, read_only: Any, deferrable: Any, row_factory: Any
-) -> None:
+def changed(conn: Any, isolation_level: Any, read_only: Any, deferrable: Any) -> bool:
+    """Whether SQLAlchemy left `conn` with other transaction settings than the lease's."""
+    return bool(
+        conn.isolation_level != isolation_level
+        or conn.read_only != read_only
+        or conn.deferrable != deferrable
+    )
+
+
+async def restore(conn: Any, isolation_level: Any, read_only: Any, deferrable: Any) -> None:
     """Put back what the lease had (no round trip: psycopg applies them at the next BEGIN)."""
-    conn.row_factory = row_factory
     if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
         return  # the release closes or resets it
     if conn.isolation_level != isolation_level:

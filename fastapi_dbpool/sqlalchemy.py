@@ -308,17 +308,20 @@ class Sessions(Generic[S]):
             lease.orm = conn
             try:
                 yield conn
-                if _lending.may_commit(lease):
+                # (after a session's commit, nothing is left to commit)
+                if conn.in_transaction() and _lending.may_commit(lease):
                     await conn.commit()
             finally:
                 await self._let_go(lease, conn.close)
         finally:
             lease.orm = lease.helper = None
-            await _cleanup.run_shielded(
-                functools.partial(_lending.restore, driver, *kept),
-                lease.cleanup_timeout,
-                "restoring a connection's settings after SQLAlchemy",
-            )
+            driver.row_factory = kept[3]
+            if _lending.changed(driver, *kept[:3]):
+                await _cleanup.run_shielded(
+                    functools.partial(_lending.restore, driver, *kept[:3]),
+                    lease.cleanup_timeout,
+                    "restoring a connection's settings after SQLAlchemy",
+                )
 
     @asynccontextmanager
     async def _session_on(self, lease: Lease) -> AsyncIterator[S]:
