@@ -162,8 +162,9 @@ async def storm(
     table = f"{app_name}_rows"
     max_size = 4
     errors = _ErrorLog()
-    logging.getLogger("uvicorn.error").addHandler(errors)
-    logging.getLogger("fastapi_dbpool").addHandler(errors)
+    watched = ["uvicorn.error", "fastapi_dbpool"] + (["sqlalchemy"] if orm else [])
+    for name in watched:
+        logging.getLogger(name).addHandler(errors)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
         await admin.execute(f"CREATE TABLE {table} (src text, id serial PRIMARY KEY)")
         try:
@@ -200,8 +201,8 @@ async def storm(
             summary.committed = int(row[0]) if row else -1
         finally:
             await admin.execute(f"DROP TABLE {table}")
-            logging.getLogger("uvicorn.error").removeHandler(errors)
-            logging.getLogger("fastapi_dbpool").removeHandler(errors)
+            for name in watched:
+                logging.getLogger(name).removeHandler(errors)
     summary.errors += errors.messages
     return summary
 

@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, OperationalError, waiting
 from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
@@ -64,19 +65,21 @@ def cancels_of(task: asyncio.Task[Any] | None) -> int:
     return task.cancelling() if task is not None and _COUNTS_CANCELS else 0
 
 
-def honour_lost_cancellation(task: asyncio.Task[Any] | None, cancels: int) -> None:
-    """Raise the cancellation that a wait which began at `cancels` swallowed, if any.
+async def deliver_lost_cancellation() -> None:
+    """Deliver the cancellation a wait swallowed (`cancels_of` grew during it).
 
     On Python 3.11, ``asyncio.wait_for`` drops a cancellation that lands as the awaited
     future completes (CPython gh-86296), and psycopg_pool 3.3.0 and 3.3.1 can hand a
     connection to a waiter cancelled at that moment and drop its ``CancelledError``
     (psycopg #1275, #1345). psycopg 3.3.0's waits and psycopg_pool's (3.3.3's too) use
     ``wait_for``: a ``task.cancel()`` would be ignored, the cancelled work run on and commit.
-    anyio's cancel scopes deliver theirs again at the next await; a plain cancellation
-    (``task.cancel()``, ``asyncio.timeout``) is raised here, after the wait.
+    A plain cancellation (``task.cancel()``, ``asyncio.timeout``) is raised here, after the
+    wait; an anyio scope's is delivered here too (anyio would deliver it again only at the
+    next await that blocks, after psycopg has sent the next statement, a COMMIT maybe).
     """
-    if cancels_of(task) > cancels and anyio.current_effective_deadline() != -math.inf:
+    if anyio.current_effective_deadline() != -math.inf:
         raise asyncio.CancelledError()
+    await anyio.lowlevel.checkpoint_if_cancelled()
 
 
 class LeaseState(enum.Enum):
@@ -232,7 +235,8 @@ class GuardedConnection(AsyncConnection[Any]):
                 result = await waiting.wait_async(gen, fileno, interval=_WAIT_INTERVAL)
             else:
                 result = await super().wait(gen, *args, **kwargs)
-            honour_lost_cancellation(task, cancels)
+            if cancels_of(task) > cancels:
+                await deliver_lost_cancellation()
             return result
         except _INTERRUPTED:
             # psycopg's own wait may have stopped the query already; if not, do it shielded

@@ -256,7 +256,9 @@ class ReadReplicas:
                     await bound_transaction(lease.conn)
                 yield lease.conn
             except BaseException as exc:
-                if runtime is not primary and isinstance(exc, psycopg.OperationalError):
+                # an ORM's error wraps psycopg's (SQLAlchemy's .orig)
+                cause = getattr(exc, "orig", exc)
+                if runtime is not primary and isinstance(cause, psycopg.OperationalError):
                     self._left_out(runtime, exc)
                 await roll_back(tx, exc, lease.cleanup_timeout)
                 raise

@@ -117,7 +117,7 @@ class GuardedDialect(PGDialectAsync_psycopg):
         tx, conn._dbpool_orm_tx = conn._dbpool_orm_tx, None
         if tx is not None:
             # no request control: a commit in the endpoint's middle must not hold its
-            # deadline back; the final one is checked against it (sqlalchemy._may_commit)
+            # deadline back; the final one is checked against it (_sqlalchemy_lending.may_commit)
             await_only(commit(tx, _timeout(conn), None))
 
     def do_rollback(self, dbapi_connection: Any) -> None:

@@ -22,7 +22,7 @@ from ._connection import (
     Lease,
     LeaseState,
     cancels_of,
-    honour_lost_cancellation,
+    deliver_lost_cancellation,
     request_lease,
     request_lease_of,
 )
@@ -208,7 +208,8 @@ class PoolRuntime(Releases):
                 else:
                     control.hold(lease)
             try:
-                honour_lost_cancellation(task, cancels)
+                if cancels_of(task) > cancels:  # swallowed by psycopg_pool's wait
+                    await deliver_lost_cancellation()
                 usable = not conn.closed if self.pinned is not None else await alive(conn)
                 if usable:
                     if self.session_timeouts:
