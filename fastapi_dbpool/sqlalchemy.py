@@ -262,18 +262,12 @@ class Sessions(Generic[S]):
     ) -> AsyncIterator[Lease]:
         """The request's lease of `runtime`'s pool: the one its other dependencies hold,
         or a new one, given back when the endpoint has returned or raised."""
-        lease = held_lease(runtime)
-        if lease is not None:
-            yield lease
+        held = held_lease(runtime)
+        if held is not None:
+            yield held
             return
-        lease = await runtime.acquire(for_request=True, route=route_of(connection.scope))
-        try:
+        async with runtime.lease(for_request=True, route=route_of(connection.scope)) as lease:
             yield lease
-        except BaseException as exc:
-            runtime.failed(exc)
-            raise
-        finally:
-            await runtime.release(lease)
 
     @asynccontextmanager
     async def _connection_on(self, lease: Lease) -> AsyncIterator[AsyncConnection]:
@@ -296,8 +290,8 @@ class Sessions(Generic[S]):
         driver = lease.conn
         # what SQLAlchemy may change on the connection and not undo when it invalidates it
         # (after a cancelled statement): put back when it lets go. Its cursors need tuples.
-        kept = (driver.isolation_level, driver.read_only, driver.deferrable, driver.row_factory)
-        driver.row_factory = tuple_row
+        settings = (driver.isolation_level, driver.read_only, driver.deferrable)
+        row_factory, driver.row_factory = driver.row_factory, tuple_row
         lease.helper = functools.partial(_lending.acting_for, lease)
         token = _lending.lent.set(driver)
         try:
@@ -315,10 +309,10 @@ class Sessions(Generic[S]):
                 await self._let_go(lease, conn.close)
         finally:
             lease.orm = lease.helper = None
-            driver.row_factory = kept[3]
-            if _lending.changed(driver, *kept[:3]):
+            driver.row_factory = row_factory
+            if _lending.changed(driver, *settings):
                 await _cleanup.run_shielded(
-                    functools.partial(_lending.restore, driver, *kept[:3]),
+                    functools.partial(_lending.restore, driver, *settings),
                     lease.cleanup_timeout,
                     "restoring a connection's settings after SQLAlchemy",
                 )
