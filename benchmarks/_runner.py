@@ -56,8 +56,10 @@ def served(
     prefix: Sequence[str] = (),
     startup: float = 30.0,
     cwd: Path | None = None,
+    is_factory: bool = True,
 ) -> Iterator[tuple[int, int]]:
-    """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit.
+    """`factory` under uvicorn (one worker) on 127.0.0.1; stopped by its PID on exit
+    (with `is_factory` False, `factory` names the app itself: ``module:app``).
 
     Ready once `probe` answers (within `startup` seconds); yields its port and PID. `env`
     adds to the environment; `log` takes its output; `prefix` goes before the command (a
@@ -69,7 +71,8 @@ def served(
     """
     port = free_port()
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+        [*prefix, sys.executable, "-m", "uvicorn", *(["--factory"] if is_factory else []),
+         factory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
         env={"PYTHONHASHSEED": "0", **os.environ, **(env or {}), "DATABASE_URL": url},
         stdout=log,

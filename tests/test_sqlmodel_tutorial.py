@@ -4,11 +4,7 @@ the plugin in a subprocess, as its users would run them."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +13,7 @@ import pytest
 pytest.importorskip("sqlalchemy", reason="fastapi_dbpool[sqlalchemy] is not installed")
 pytest.importorskip("sqlmodel", reason="sqlmodel is not installed")
 
-from benchmarks._runner import free_port
+from benchmarks._runner import served
 
 from .conftest import Server, plugin_ini
 
@@ -27,45 +23,40 @@ TUTORIAL = Path(__file__).resolve().parent / "sqlmodel_tutorial"
 
 
 def test_the_tutorial_app_serves_its_heroes_under_uvicorn(
-    database_url: str, server: Server, app_name: str
+    database_url: str, server: Server, app_name: str, tmp_path: Path
 ) -> None:
     server.query("DROP TABLE IF EXISTS hero")
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "DBPOOL_NAME": app_name}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "heroes:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=TUTORIAL,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "uvicorn.log"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                first = httpx.get(f"{base}/heroes/", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, "the tutorial app did not start in 30s"
-                time.sleep(0.2)
-        assert (first.status_code, first.json()) == (200, [])  # its table made at startup
-        hero = {"name": "Deadpond", "secret_name": "Dive Wilson"}
-        created = httpx.post(f"{base}/heroes/", json=hero, timeout=5).json()
-        assert server.query("SELECT name, secret_name FROM hero") == [("Deadpond", "Dive Wilson")]
-        patched = httpx.patch(f"{base}/heroes/{created['id']}", json={"age": 30}, timeout=5)
-        assert patched.json() == {"name": "Deadpond", "age": 30, "id": created["id"]}
-        assert httpx.get(f"{base}/heroes/{created['id'] + 1}", timeout=5).status_code == 404
-        assert httpx.delete(f"{base}/heroes/{created['id']}", timeout=5).json() == {"ok": True}
-        assert server.query("SELECT count(*) FROM hero") == [(0,)]
-        assert set(server.states()) <= {"idle"}  # nothing left in a transaction
+        with (
+            log.open("wb") as out,
+            served(
+                "heroes:app",
+                database_url,
+                env={"DBPOOL_NAME": app_name},
+                probe="/heroes/",
+                log=out,
+                cwd=TUTORIAL,
+                is_factory=False,
+            ) as (port, _),
+        ):
+            base = f"http://127.0.0.1:{port}"
+            first = httpx.get(f"{base}/heroes/", timeout=5)
+            assert (first.status_code, first.json()) == (200, [])  # its table made at startup
+            hero = {"name": "Deadpond", "secret_name": "Dive Wilson"}
+            created = httpx.post(f"{base}/heroes/", json=hero, timeout=5).json()
+            rows = server.query("SELECT name, secret_name FROM hero")
+            assert rows == [("Deadpond", "Dive Wilson")]
+            patched = httpx.patch(f"{base}/heroes/{created['id']}", json={"age": 30}, timeout=5)
+            assert patched.json() == {"name": "Deadpond", "age": 30, "id": created["id"]}
+            assert httpx.get(f"{base}/heroes/{created['id'] + 1}", timeout=5).status_code == 404
+            assert httpx.delete(f"{base}/heroes/{created['id']}", timeout=5).json() == {"ok": True}
+            assert server.query("SELECT count(*) FROM hero") == [(0,)]
+            assert set(server.states()) <= {"idle"}  # nothing left in a transaction
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=20)
         server.query("DROP TABLE IF EXISTS hero")
-    assert "Traceback" not in out, out
+    out_text = log.read_text()
+    assert "Traceback" not in out_text, out_text
     assert server.wait_until(lambda s: s == []) == []  # shutdown closed every connection
 
 
